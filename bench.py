@@ -1,0 +1,198 @@
+"""Throughput of full SOP training steps and model FLOPs utilisation (MFU).
+
+    python bench.py                                  # the GPU configurations below, eager and compiled
+    python bench.py --configs cpu_demo --steps 5     # on a CPU
+    python bench.py --configs imagenet_vit_s16 --compile false --profile
+
+Each configuration builds the exact training step of train.py (Trainer.train_step: augmentation and masking on the
+device, teacher and student forwards, SOP and SOP-MIM losses, backward, clipping, AdamW, EMA, memory enqueue) from
+a train.py preset, feeds it random uint8 images already on the device, and times `--steps` steps after `--warmup`
+steps (CUDA-synchronised). It also times, alone and with the same shapes, the augmentation + masking and the memory
+work (SOP draws with their top-k search, probabilities forward and backward), and prints their share of the step.
+
+MFU = model FLOPs per step / (step time x peak). Model FLOPs count the ViT blocks, the patch embedding and the
+projection head (2 FLOPs per multiply-add), for the teacher forward on the 2 global crops and the student forward
+and backward (3 x forward) on all crops; the memory matmuls, LayerNorm, GELU and softmax are left out.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import train
+from losses import sop_loss, sop_mim_loss
+from memory import MemoryBank
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
+
+CONFIGS = {  # name -> train.py flags
+    "imagenet_vit_s16": ["--preset", "imagenet", "--batch_size_per_gpu", "128"],
+    "cifar_vit_s4": ["--preset", "cifar", "--batch_size_per_gpu", "512"],
+    "cifar_vit_t4": ["--preset", "cifar", "--arch", "vit_tiny", "--batch_size_per_gpu", "512"],
+    "cpu_demo": ["--preset", "cpu_demo"],
+}
+SOURCE_SIZE = {"imagenet_vit_s16": 256}  # decoded image side fed to the augmentation (default: the global crop size)
+
+
+def vit_flops_per_image(embed_dim: int, depth: int, num_tokens: int, mlp_ratio: float = 4.0) -> int:
+    """Forward FLOPs of depth transformer blocks on one image of N tokens of width D.
+
+    Per block, in multiply-adds: qkv 3 N D^2, attention scores N^2 D, attention-weighted values N^2 D, output
+    projection N D^2, MLP 2 r N D^2.
+    """
+    N, D = num_tokens, embed_dim
+    return 2 * depth * int(3 * N * D * D + 2 * N * N * D + N * D * D + 2 * mlp_ratio * N * D * D)
+
+
+def head_flops_per_token(in_dim: int, hidden_dim: int, out_dim: int) -> int:
+    """Forward FLOPs of the 3-layer projection head on one token."""
+    return 2 * (in_dim * hidden_dim + hidden_dim * hidden_dim + hidden_dim * out_dim)
+
+
+def model_flops_per_image(cfg: train.Config) -> int:
+    """Training FLOPs per image: teacher forward on 2 global crops, student forward + backward on all crops."""
+    width, depth, _ = train.ARCHS.get(cfg.arch, (0, 0, 0))
+    D, depth = cfg.embed_dim or width, cfg.depth or depth
+    head = head_flops_per_token(D, cfg.head_hidden_dim, cfg.out_dim)
+
+    def crop_forward(size: int, head_tokens: str) -> int:
+        P = (size // cfg.patch_size) ** 2
+        embed = 2 * P * 3 * cfg.patch_size ** 2 * D  # patch-embedding convolution
+        return embed + vit_flops_per_image(D, depth, 1 + P) + head * (1 + P if head_tokens == "all" else 1)
+
+    global_crop = crop_forward(cfg.global_crops_size, "all")
+    local_crop = crop_forward(cfg.local_crops_size, "cls")  # local patch tokens skip the head (model.SOPNetwork)
+    teacher = 2 * global_crop
+    student = 2 * global_crop + cfg.local_crops_number * local_crop
+    return teacher + 3 * student
+
+
+def timed(fn, steps: int, device: torch.device) -> list[float]:
+    """Seconds per call of fn, one number per call, synchronised on CUDA."""
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, device: torch.device,
+          peak: float | None, profile: bool) -> dict:
+    cfg = train.parse_config(flags + ["--compile", str(compile_).lower(), "--device", device.type])
+    trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=10 ** 6)
+    B, size = cfg.batch_size_per_gpu, SOURCE_SIZE.get(name, cfg.global_crops_size)
+    torch.manual_seed(0)
+    dataset = torch.randint(0, 256, (4 * B, 3, size, size), dtype=torch.uint8, device=device)  # held on the device
+    step = 0
+
+    def train_step():
+        nonlocal step
+        idx = torch.randint(0, len(dataset), (B,), device=device)
+        trainer.train_step(dataset[idx], 1000 + step)
+        step += 1
+    for _ in range(warmup):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times = timed(train_step, steps, device)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            timed(train_step, 3, device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+    # Augmentation + masking alone, with the step's shapes.
+    gen = torch.Generator(device).manual_seed(0)
+    images = dataset[:B]
+
+    def augment():
+        crops, _ = trainer.augment(images, gen)
+        trainer.make_masks(crops.shape[0], gen)
+    aug_times = timed(augment, max(3, steps // 2), device)
+
+    # Memory work alone: T_C class draws and the patch draw, their probabilities forward and backward.
+    G, V = 2 * B, (2 + cfg.local_crops_number) * B
+    P = (cfg.global_crops_size // cfg.patch_size) ** 2
+    cls_s = F.normalize(torch.randn(V, cfg.out_dim, device=device), dim=1).requires_grad_()
+    cls_t = F.normalize(torch.randn(G, cfg.out_dim, device=device), dim=1)
+    pat_s = F.normalize(torch.randn(G, P, cfg.out_dim, device=device), dim=-1).requires_grad_()
+    pat_t = F.normalize(torch.randn(G, P, cfg.out_dim, device=device), dim=-1)
+    class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim).to(device)
+    patch_memory = MemoryBank(cfg.patch_memory_size, cfg.out_dim).to(device)
+
+    masks = torch.rand(G, P, device=device) < 0.15
+
+    def memory_work():
+        total = 0.0
+        for _ in range(cfg.class_draws):
+            sops = class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, gen)
+            total = total + sop_loss(sops.probabilities(cls_s, 0.1), sops.probabilities(cls_t, 0.04))
+        psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
+        total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
+        total.backward()
+    timed(memory_work, 2, device)
+    memory_times = timed(memory_work, max(3, steps // 2), device)
+
+    step_s = statistics.median(step_times)
+    flops = model_flops_per_image(cfg)
+    result = {"config": name, "compile": compile_, "batch": B, "ms_per_step": 1e3 * step_s,
+              "images_per_s": B / step_s, "peak_mem_gib": peak_mem, "gflops_per_image": flops / 1e9,
+              "mfu_percent": 100 * flops * B / step_s / peak if peak else None,
+              "augment_percent": 100 * statistics.median(aug_times) / step_s,
+              "memory_percent": 100 * statistics.median(memory_times) / step_s,
+              "step_ms_min_max": [1e3 * min(step_times), 1e3 * max(step_times)]}
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["imagenet_vit_s16", "cifar_vit_s4", "cifar_vit_t4"],
+                        choices=list(CONFIGS))
+    parser.add_argument("--compile", choices=("both", "true", "false"), default="both")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak for MFU (default: 989, the H100 SXM dense bf16 peak, on CUDA; none on CPU)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (H100_BF16_PEAK if device.type == "cuda" else None)
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" ({torch.get_num_threads()} CPU threads), {time.strftime('%Y-%m-%d')}")
+    results = []
+    for name in args.configs:
+        for compile_ in {"both": (False, True), "true": (True,), "false": (False,)}[args.compile]:
+            r = bench(name, CONFIGS[name], compile_, args.steps, args.warmup, device, peak, args.profile)
+            results.append(r)
+            print(json.dumps(r))
+    print(f"\n{'config':<18}{'compile':>8}{'batch':>6}{'ms/step':>9}{'img/s':>9}{'GiB':>7}{'GFLOP/img':>10}"
+          f"{'MFU %':>7}{'aug %':>7}{'mem %':>7}")
+    for r in results:
+        mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
+        print(f"{r['config']:<18}{str(r['compile']):>8}{r['batch']:>6}{r['ms_per_step']:>9.1f}"
+              f"{r['images_per_s']:>9.0f}{r['peak_mem_gib']:>7.1f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
+              f"{r['augment_percent']:>7.1f}{r['memory_percent']:>7.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Weighted k-NN evaluation of a frozen backbone (DINO protocol, spec §7.1).
+
+Features are the final-normed [CLS] token of the teacher backbone, L2-normalised. Each test image votes over its k
+most cosine-similar training images with weight exp(similarity / T), T = 0.07; top-1/top-5 are reported for k in
+10, 20, 100, 200 (k = 20 is the headline number).
+
+    python eval_knn.py --checkpoint runs/cpu_demo/checkpoint.pth
+    python eval_knn.py --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \
+        --dataset folder --data_path /path/to/imagenet
+"""
+import argparse
+import pickle
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from model import ARCHS, build_backbone
+
+KNN_KS = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                     image_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
+    """L2-normalised [CLS] features (n, D) of every image of the dataset, in dataset order, on `device`.
+
+    In-memory datasets are read straight from their tensor; a folder dataset through a DataLoader. Under torchrun
+    each rank embeds every world_size-th batch and the features are all-gathered, so every rank gets all of them.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(dataset)
+    starts = list(range(0, n, batch_size))
+    mine = starts[rank::world]
+    if isinstance(dataset, data.ImageDataset):
+        batches = (dataset.images[s:s + batch_size] for s in mine)
+    else:
+        sampler = [list(range(s, min(s + batch_size, n))) for s in mine]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                             pin_memory=device.type == "cuda")
+        batches = (images for images, _ in loader)
+    was_training = backbone.training
+    backbone.eval()
+    features = torch.zeros(len(starts) * batch_size, backbone.embed_dim, device=device)  # padded to whole batches
+    for s, images in zip(mine, batches):
+        x = data.normalize_images(images.to(device, non_blocking=True), image_size)  # (b, 3, H, W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cls = backbone(x)[:, 0]  # (b, D), paper §7.1: final-normed [CLS] of the last block
+        features[s:s + len(cls)] = F.normalize(cls.float(), dim=1)
+    backbone.train(was_training)
+    if world > 1:
+        # Ranks filled disjoint batches and left zeros elsewhere: a sum gathers them.
+        dist.all_reduce(features)
+    return features[:n]
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
+                 chunk_size: int = 256) -> dict[int, tuple[float, float]]:
+    """Weighted k-NN: {k: (top1 %, top5 %)}. Features (n, D) unit-norm, labels (n,) int64.
+
+    Test images go in chunks, so a chunk x n_train similarity matrix is the largest tensor (ImageNet-sized sets).
+    """
+    train_labels, test_labels = train_labels.to(train_features.device), test_labels.to(train_features.device)
+    ks = [k for k in ks if k <= len(train_features)]
+    k_max = max(ks)
+    correct = {k: torch.zeros(2, device=train_features.device) for k in ks}
+    for start in range(0, len(test_features), chunk_size):
+        feats, labels = test_features[start:start + chunk_size], test_labels[start:start + chunk_size]
+        sims, idx = (feats @ train_features.T).topk(k_max, dim=1)  # (c, k_max), most similar first
+        votes = F.one_hot(train_labels[idx], num_classes).float() * (sims / temperature).exp().unsqueeze(-1)
+        for k in ks:
+            scores = votes[:, :k].sum(1)  # (c, C) class scores from the k nearest
+            top_scores, top = scores.topk(min(5, num_classes), dim=1)  # (c, 5)
+            hits = (top == labels.unsqueeze(1)) & (top_scores > 0)  # a class without a vote is no prediction
+            correct[k] += torch.stack((hits[:, 0].sum(), hits.any(1).sum())).float()
+    n = len(test_features)
+    return {k: (100.0 * c[0].item() / n, 100.0 * c[1].item() / n) for k, c in correct.items()}
+
+
+def knn_evaluate(backbone, train_set, test_set, device, batch_size=256, image_size=None, num_workers=0,
+                 ks=KNN_KS, temperature=KNN_TEMPERATURE) -> dict[int, tuple[float, float]]:
+    """Extract features of both splits and run the weighted k-NN: {k: (top1 %, top5 %)}."""
+    train_features = extract_features(backbone, train_set, batch_size, device, image_size, num_workers)
+    test_features = extract_features(backbone, test_set, batch_size, device, image_size, num_workers)
+    return knn_classify(train_features, train_set.labels, test_features, test_set.labels,
+                        max(train_set.num_classes, test_set.num_classes), ks, temperature)
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only. A file that would need arbitrary code to
+    unpickle (or a corrupt one) raises ValueError with a one-line reason."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0])
+        raise ValueError(f"{path}: refused or unreadable (checkpoints load with weights_only=True): {reason}")
+
+
+def load_backbone(path: str, arch: str | None = None, patch_size: int = 16):
+    """Backbone from a checkpoint of train.py (its config rebuilds it) or from a plain ViT state dict (needs arch).
+
+    Returns (backbone, eval image size, checkpoint config or None). Loads with weights_only=True: a checkpoint that
+    needs arbitrary code to unpickle is refused.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"error: --checkpoint {e}")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    state = ckpt
+    for key in ("teacher", "state_dict", "model"):  # ours / iBOT / generic wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"error: --checkpoint {path}: no state dict of tensors found")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "masked_embed"}
+    if config is not None:
+        backbone = build_backbone(config["arch"], config["global_crops_size"], config["patch_size"],
+                                  use_mask_token=False, embed_dim=config["embed_dim"], depth=config["depth"],
+                                  num_heads=config["num_heads"])
+        image_size = config["global_crops_size"]
+    else:
+        if arch not in ARCHS or "pos_embed" not in state:
+            raise SystemExit(f"error: --checkpoint {path} is a plain state dict: pass --arch "
+                             f"({', '.join(ARCHS)}) and --patch_size")
+        grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))  # learnt grid of the published weights
+        backbone = build_backbone(arch, grid * patch_size, patch_size, use_mask_token=False)
+        image_size = 224
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --checkpoint {path} does not fit the backbone: {str(e).splitlines()[0]} "
+                         f"(check --arch/--patch_size)")
+    return backbone, image_size, config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="train.py checkpoint or a plain ViT state dict")
+    parser.add_argument("--dataset", default=None, help=f"one of {data.DATASETS} (default: the checkpoint's)")
+    parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
+    parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
+    parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
+    parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: training size)")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
+    args = parser.parse_args(argv)
+
+    backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size)
+    dataset = args.dataset or (config or {}).get("dataset")
+    data_path = args.data_path or (config or {}).get("data_path", "data")
+    if dataset is None:
+        raise SystemExit("error: --dataset is required for a plain state dict; valid: " + ", ".join(data.DATASETS))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    image_size = args.image_size or image_size
+    try:
+        data.check_dataset(dataset, data_path)
+        size = (config or {}).get("synthetic_size")
+        train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size, evaluation=True)
+        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size)
+    except data.DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
+                          args.num_workers, temperature=args.temperature)
+    for k, (top1, top5) in result.items():
+        print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,45 @@
+"""SOP loss on [CLS] and SOP-MIM loss on masked patches (spec §3).
+
+Both compare a teacher distribution q over SOPs (the target, no gradient) with a student distribution p by the
+cross-entropy H(q, p) = -sum_c q_c log p_c, in fp32 with a clamped log (Decision 4). Inputs are view-major, as
+model.SOPNetwork returns them. Shapes follow the legend in model.py.
+"""
+import torch
+
+LOG_EPS = 1e-12  # p is a convex mix of smoothed votes and never 0 in exact arithmetic; guard fp32 underflow only
+
+
+def cross_entropy(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
+    """H(q, p) = -sum_c q_c log p_c over the last dim: (..., M), (..., M) -> (...). No gradient through q."""
+    return -(teacher_probs.detach().float() * student_probs.float().clamp_min(LOG_EPS).log()).sum(-1)
+
+
+def sop_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Global SOP loss (spec §3.1) for one draw: every teacher global view against every other student view.
+
+    student_probs (V B, M): all student views (the 2 masked globals first, then the locals).
+    teacher_probs (G B, M): the teacher's G = 2 unmasked global views.
+    Returns the mean over the G V - G pairs (g, v) with v != g and over the B images of H(q_g, p_v).
+    """
+    G = 2
+    B, M = teacher_probs.shape[0] // G, teacher_probs.shape[1]
+    V = student_probs.shape[0] // B
+    q = teacher_probs.detach().float().view(G, B, M)  # (G, B, M)
+    log_p = student_probs.float().clamp_min(LOG_EPS).log().view(V, B, M)  # (V, B, M)
+    ce = -torch.einsum("gbm,vbm->gvb", q, log_p)  # (G, V, B): H(q_g, p_v) of every pair, image by image
+    same_view = torch.eye(G, V, dtype=torch.bool, device=ce.device)  # (G, V): a view never predicts itself
+    ce = ce.masked_fill(same_view.unsqueeze(-1), 0.0)
+    return ce.sum() / (B * (G * V - G))  # paper Eq. (L_SOP): mean over pairs and images
+
+
+def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """SOP-MIM loss (spec §3.2): the masked student crop predicts the unmasked teacher crop of the SAME view.
+
+    student_probs, teacher_probs (G B, P, M) for the G global views; masks (G B, P) bool, True = masked.
+    Per image: cross-entropy summed over its masked patches over their count (images without a mask give 0 and
+    still count); then the mean over images and views.
+    """
+    ce = cross_entropy(teacher_probs, student_probs)  # (G B, P)
+    m = masks.float()
+    per_image = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)  # (G B,), paper Eq. (L_MIM)
+    return per_image.mean()

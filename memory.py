@@ -1,0 +1,136 @@
+"""FIFO memories of teacher embeddings and the self-organizing prototypes drawn from them (spec §2).
+
+A memory bank holds Q unit-norm teacher embeddings of past images. Each draw picks M random anchors; each anchor and
+its k nearest memory neighbours (the support embeddings, SEs) form one self-organizing prototype (SOP). A view u is
+scored against all S = M (k + 1) SEs at once and the SE similarities are pooled into M SOP probabilities by the vote
+matrix Y (paper: P(u) = softmax(u D^T / tau) Y). Shapes follow the legend in model.py.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+SEARCH_CHUNK = 2 ** 27  # similarity entries per top-k chunk: 256 MiB in bf16, 512 MiB in fp32
+
+
+class MemoryBank(nn.Module):
+    """FIFO queue of Q embeddings (fp32 buffer (Q, d) and a pointer buffer, so both are checkpointed).
+
+    `enqueue` writes the global batch (all ranks' rows, in rank order) over the oldest rows. When the global batch
+    does not divide Q the write wraps around the end of the buffer, so any batch size works and every slot is
+    overwritten once every Q / (global batch) steps on average; train.py only requires global batch <= Q.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        # Random points on the unit sphere until real embeddings arrive (spec §2.2); the default generator makes
+        # the start identical on every rank, since every rank seeds it the same way.
+        self.register_buffer("memory", F.normalize(torch.randn(size, dim), dim=1))  # (Q, d)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        """x (b, d) rank-local embeddings; all ranks must call this with the same b."""
+        x = x.detach().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, x)  # rank order, so every rank writes the same rows
+            x = torch.cat(gathered)  # (b W, d)
+        Q, n = self.memory.shape[0], x.shape[0]
+        if n > Q:
+            raise ValueError(f"global batch {n} is larger than the memory ({Q} rows)")
+        # Index arithmetic on the device pointer: no host sync, and wrap-around comes for free.
+        rows = (self.ptr + torch.arange(n, device=x.device)) % Q  # (n,)
+        self.memory.index_copy_(0, rows, x)
+        self.ptr.copy_((self.ptr + n) % Q)
+
+    @torch.no_grad()
+    def draw(self, num_anchors: int, num_neighbors: int, smoothing: float,
+             generator: torch.Generator) -> "SOPs":
+        """Draw M = num_anchors SOPs of k = num_neighbors neighbours each (spec §2.4, Decisions 1, 2, 5).
+
+        Anchors are a uniform random subset of the memory; the remaining Q - M rows form the search pool, so anchors
+        are never neighbours of each other (neighbours may be shared). Neighbours are the k most cosine-similar pool
+        rows of each anchor and vote for it with that similarity; the anchor votes with 1 - smoothing. The draw
+        depends only on the memory and the generator: seed it from (seed, step) and every rank builds the same SOPs.
+        """
+        Q = self.memory.shape[0]
+        if not (0 < num_anchors and num_anchors + num_neighbors <= Q):
+            raise ValueError(f"need 0 < anchors and anchors + neighbours <= memory size, got M={num_anchors}, "
+                             f"k={num_neighbors}, Q={Q}")
+        perm = torch.randperm(Q, generator=generator, device=generator.device).to(self.memory.device)
+        anchors = self.memory[perm[:num_anchors]]  # (M, d), a copy: later enqueues cannot touch it
+        anchor_weight = anchors.new_full((num_anchors, 1), 1.0 - smoothing)  # (M, 1)
+        if num_neighbors == 0:
+            return SOPs(anchors, anchor_weight)
+        pool = perm[num_anchors:]  # (Q - M,) memory rows the neighbours come from
+        neighbor_rows = _nearest(anchors, self.memory[pool], num_neighbors)  # (M, k) indices into pool
+        neighbors = self.memory[pool[neighbor_rows]]  # (M, k, d)
+        # Vote weight of a neighbour = its cosine to the anchor, recomputed in fp32 whatever the search precision.
+        # A negative cosine would be a negative vote (and could make P negative); top-k neighbours of real memories
+        # are far from that, but a tiny random memory can get there, so clamp at 0.
+        neighbor_weight = torch.einsum("md,mkd->mk", anchors, neighbors).clamp(0, 1)  # (M, k)
+        support = torch.cat((anchors.unsqueeze(1), neighbors), dim=1)  # (M, 1 + k, d), anchor first
+        weights = torch.cat((anchor_weight, neighbor_weight), dim=1)  # (M, 1 + k)
+        return SOPs(support.flatten(0, 1), weights)
+
+
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (M, k) of the k keys with the largest dot product with each query, most similar first.
+
+    Chunked over queries so the M x (Q - M) similarity matrix never exists whole (Q = 65536, M = 4096 would be 1 GiB
+    in fp32). On a GPU the search runs in bf16 (ranking only; weights are recomputed in fp32 by the caller).
+    """
+    dtype = torch.bfloat16 if keys.is_cuda else torch.float32
+    keys_t = keys.to(dtype).T  # (d, Q - M)
+    rows = max(1, SEARCH_CHUNK // keys.shape[0])
+    return torch.cat([(q.to(dtype) @ keys_t).topk(k, dim=1).indices for q in queries.split(rows)])
+
+
+@dataclass
+class SOPs:
+    """One draw of M self-organizing prototypes.
+
+    support (S, d): the SEs, SOP j owning rows j (k + 1) ... j (k + 1) + k, its anchor first.
+    weights (M, k + 1): w_r, the vote each SE gives its own SOP (anchor 1 - smoothing, neighbours their cosine).
+    """
+    support: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def num_sops(self) -> int:
+        return self.weights.shape[0]
+
+    def vote_matrix(self) -> torch.Tensor:
+        """Y (S, M): Y[r, c] = w_r if SE r belongs to SOP c, else (1 - w_r) / (M - 1) (spec §2.4.6).
+
+        Every row is a label-smoothed one-hot vote and sums to 1. `probabilities` never builds Y (S x M would be
+        36864 x 4096 at the ImageNet setting); this is the reference it must agree with.
+        """
+        M, K1 = self.weights.shape
+        w = self.weights.reshape(-1, 1)  # (S, 1)
+        own = torch.arange(M, device=w.device).repeat_interleave(K1)  # (S,) SOP of each SE
+        one_hot = F.one_hot(own, M).to(w.dtype)  # (S, M)
+        Y = one_hot * w + (1 - one_hot) * (1 - w) / max(M - 1, 1)
+        return Y / Y.sum(1, keepdim=True)  # a no-op up to rounding, except for M = 1 where Y = 1
+
+    def probabilities(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
+        """P(u) = softmax(u D^T / tau) Y over the M SOPs, in fp32 whatever the autocast dtype (Decision 4).
+
+        u (..., d) unit-norm embeddings ((n, d) for [CLS], (n, P, d) for patches) -> (..., M), rows sum to 1.
+        Y's structure gives the product without Y: with a = softmax over all S SEs (paper: joint, not per SOP),
+        a_c the SE weights of SOP c, g_c = sum_{r in c} a_r w_r and h_c = sum_{r in c} a_r (1 - w_r),
+            P_c = sum_r a_r Y[r, c] = g_c + (sum_c' h_c' - h_c) / (M - 1).
+        That is O(S) per embedding instead of O(S M). Gradients flow to u only: support and weights are constants.
+        """
+        M, K1 = self.weights.shape
+        with torch.autocast(u.device.type, enabled=False):
+            logits = u.float() @ self.support.float().T / temperature  # (..., S), paper Eq. P(u) = softmax(uD^T)Y
+            a = logits.softmax(dim=-1).unflatten(-1, (M, K1))  # (..., M, k + 1)
+            g = (a * self.weights).sum(-1)  # (..., M) votes for the own SOP
+            h = a.sum(-1) - g  # (..., M) smoothing mass, spread over the other M - 1 SOPs
+            if M == 1:
+                return g + h
+            return g + (h.sum(-1, keepdim=True) - h) / (M - 1)  # (..., M)

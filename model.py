@@ -1,0 +1,223 @@
+"""Vision Transformer backbone and projection head for SOP (spec §4, §5).
+
+Shape legend used in every file of this project:
+    B  images per GPU            V  views (crops) per image
+    N  tokens per image (1 + P)  P  patch tokens per image
+    D  transformer width         d  embedding dim after the projection head (256)
+    M  SOPs (anchors) per draw   S  support embeddings per draw, S = M (k + 1)
+    Q  memory size (rows of a memory bank)
+
+Parameter names follow the DINO/timm ViT layout (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.norm1`,
+`blocks.{i}.attn.qkv`, `blocks.{i}.attn.proj`, `blocks.{i}.norm2`, `blocks.{i}.mlp.fc1`, `blocks.{i}.mlp.fc2`,
+`norm`), and the mask token is iBOT's `masked_embed`, so published DINO/iBOT/SOP backbones load into this model and
+ours load into theirs.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = {  # name -> (width D, depth, heads), spec §5
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability `rate`, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+    return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each branch with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch x patch convolution: (B, 3, H, W) -> (B, P, D) with P = (H / patch) (W / patch)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, P, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning all final-normed tokens, [CLS] first.
+
+    img_size fixes the size of the learnt position embeddings; inputs of any other size whose sides the patch size
+    divides (local crops, evaluation sizes) get bicubically resized position embeddings. With use_mask_token, a
+    boolean mask (B, P), True = masked, replaces the masked patch embeddings by a learnt token before the position
+    embeddings are added (iBOT's masked image modelling).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 use_mask_token: bool = True):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide img_size {img_size}")
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.grid_size = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size ** 2, embed_dim))
+        self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None  # iBOT's name
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth (spec §5)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings (1, 1 + h w, D) for an h x w patch grid: patch part resized bicubically."""
+        if h == w == self.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        g, D = self.grid_size, self.embed_dim
+        patch_pos = patch_pos.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, D)  # (1, h w, D)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images and optional (B, P) bool mask -> (B, N, D) tokens entering the first block."""
+        B, _, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        x = self.patch_embed(x)  # (B, P, D)
+        if mask is not None:
+            # Masked patches become the mask token before position embeddings are added (iBOT); where is exact,
+            # so an all-False mask reproduces the unmasked output bit for bit.
+            x = torch.where(mask.unsqueeze(-1), self.masked_embed.to(x.dtype), x)  # (B, P, D)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, N, D)
+        return x + self.interpolate_pos_encoding(h, w)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images, optional (B, P) bool mask (True = masked) -> (B, N, D) final-normed tokens."""
+        x = self.prepare_tokens(x, mask)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Final-normed token sequences (B, N, D) of the last n blocks, oldest first (for evaluation)."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+class ProjectionHead(nn.Module):
+    """3-layer MLP (GELU, no BatchNorm) to a d-dim bottleneck, L2-normalised, applied to every token (spec §4).
+
+    There is no prototype (last) layer: the memory's support embeddings play that role (memory.py).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., d) unit-norm embeddings."""
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+
+
+class SOPNetwork(nn.Module):
+    """Backbone + projection head over all crops of a step, in one forward call (one DDP forward per backward).
+
+    Crops of one resolution share a backbone call (DINO's multi-crop wrapper). Output rows are view-major, as the
+    crops come in: [view 0 of all B images | view 1 | ...].
+    """
+
+    def __init__(self, backbone: VisionTransformer, head: ProjectionHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None = None,
+                local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """global_crops (2B, 3, G, G), masks (2B, P) bool or None, local_crops (V_l B, 3, l, l) or None.
+
+        Returns cls ((2 + V_l) B, d) for all views and patch (2B, P, d) for the global views.
+        """
+        z = self.head(self.backbone(global_crops, masks))  # (2B, N, d)
+        cls, patch = z[:, 0], z[:, 1:]  # (2B, d), (2B, P, d)
+        if local_crops is not None and local_crops.shape[0] > 0:
+            # Local patch tokens are never used, so only their [CLS] goes through the head.
+            local_cls = self.head(self.backbone(local_crops)[:, 0])  # (V_l B, d)
+            cls = torch.cat((cls, local_cls))  # ((2 + V_l) B, d)
+        return cls, patch
+
+
+def build_backbone(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
+                   use_mask_token: bool = True, embed_dim: int = 0, depth: int = 0,
+                   num_heads: int = 0) -> VisionTransformer:
+    """ViT from a preset name ('vit_tiny', 'vit_small', 'vit_base'); non-zero embed_dim/depth/num_heads override
+    the preset (arch 'custom' needs all three)."""
+    width, layers, heads = ARCHS.get(arch, (0, 0, 0))
+    if arch != "custom" and arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join([*ARCHS, 'custom'])}")
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim or width,
+                             depth=depth or layers, num_heads=num_heads or heads, drop_path_rate=drop_path_rate,
+                             use_mask_token=use_mask_token)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Trunc-normal(0.02) Linear weights, zero biases, LayerNorm (1, 0); the patch conv keeps PyTorch's init."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,47 @@
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import model
+import train
+from model import Block, ProjectionHead
+
+
+def test_vit_flops_hand_count_for_one_block():
+    # One block, N = 5 tokens, D = 8, MLP ratio 4, in multiply-adds:
+    # qkv 5*8*24 = 960, scores 5*5*8 = 200, weighted values 200, proj 5*8*8 = 320, fc1 5*8*32 = 1280, fc2 1280.
+    assert bench.vit_flops_per_image(8, 1, 5) == 2 * (960 + 200 + 200 + 320 + 1280 + 1280)
+    assert bench.vit_flops_per_image(8, 3, 5) == 3 * bench.vit_flops_per_image(8, 1, 5)
+
+
+def math_attention(q, k, v):
+    return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1) @ v
+
+
+def test_vit_flops_match_torch_flop_counter(monkeypatch):
+    # The counter does not see the CPU kernel of scaled_dot_product_attention: spell it as two matmuls.
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", math_attention)
+    block = Block(dim=64, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0)
+    with FlopCounterMode(display=False) as counter:
+        block(torch.randn(1, 17, 64))
+    assert counter.get_total_flops() == bench.vit_flops_per_image(64, 1, 17)
+    head = ProjectionHead(64, 128, 32)
+    with FlopCounterMode(display=False) as counter:
+        head(torch.randn(1, 1, 64))
+    assert counter.get_total_flops() == bench.head_flops_per_token(64, 128, 32)
+
+
+def test_model_flops_per_image_composition():
+    cfg = train.parse_config(["--preset", "cifar", "--local_crops_number", "0"])
+    D, P = 384, 64
+    global_crop = 2 * P * 3 * 16 * D + bench.vit_flops_per_image(D, 12, 1 + P) + \
+        bench.head_flops_per_token(D, 2048, 256) * (1 + P)
+    assert bench.model_flops_per_image(cfg) == 2 * global_crop + 3 * 2 * global_crop
+
+
+def test_bench_runs_on_cpu():
+    results = bench.main(["--configs", "cpu_demo", "--compile", "false", "--steps", "2", "--warmup", "1",
+                          "--device", "cpu"])
+    (r,) = results
+    assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["mfu_percent"] is None
+    assert 0 < r["augment_percent"] and 0 < r["memory_percent"]

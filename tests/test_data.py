@@ -1,0 +1,604 @@
+"""Tests for data.py: multicrop geometry and photometry, block masks, dataset parsers (on fabricated files, corrupt
+ones included), epoch batches. CPU, seeded, no network (urlopen is patched in every test)."""
+import colorsys
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import random
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import (DatasetError, BlockMaskGenerator, MultiCropAugmentation, check_dataset, epoch_batches,
+                  gaussian_blur, load_dataset, normalize_images, resized_crops, sample_crop_boxes, shift_hue)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any download attempt fails as if offline, unless a test installs its own fake urlopen."""
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+def half_black_half_white(batch: int, side: int = 32) -> torch.Tensor:
+    """uint8 (batch, 3, side, side): left half 0, right half 255."""
+    images = torch.zeros(batch, 3, side, side, dtype=torch.uint8)
+    images[..., side // 2:] = 255
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------- multicrop
+def test_multicrop_counts_sizes_dtypes_ranges():
+    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+    global_crops, local_crops = MultiCropAugmentation(32, 16, 6)(images, gen())
+    assert global_crops.shape == (8, 3, 32, 32) and local_crops.shape == (24, 3, 16, 16)
+    assert global_crops.dtype == local_crops.dtype == torch.float32
+    for crops in (global_crops, local_crops):
+        values = unnormalize(crops)
+        assert values.min() >= -1e-5 and values.max() <= 1 + 1e-5
+    global_crops, local_crops = MultiCropAugmentation(24, 8, 0, interpolation="bilinear")(images, gen())
+    assert global_crops.shape == (8, 3, 24, 24) and local_crops.shape == (0, 3, 8, 8)
+
+
+def test_multicrop_same_seed_same_crops():
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    augment = MultiCropAugmentation(32, 16, 2)
+    first, second, other = augment(images, gen(1)), augment(images, gen(1)), augment(images, gen(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_resized_crops_identity_and_mirror():
+    images = torch.rand(2, 3, 16, 16)
+    box = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
+    for mode in ("bicubic", "bilinear"):
+        same = resized_crops(images, box, torch.tensor([False, False]), 16, mode)
+        mirrored = resized_crops(images, box, torch.tensor([True, True]), 16, mode)
+        torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mirrored, images.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_resized_crops_cut_the_box_view_major():
+    images = torch.rand(2, 3, 32, 32)
+    boxes = torch.tensor([[4.0, 8.0, 16.0, 16.0], [0.0, 2.0, 16.0, 16.0],  # view 0 of images 0 and 1
+                          [10.0, 0.0, 16.0, 16.0], [16.0, 16.0, 16.0, 16.0]])  # view 1
+    flip = torch.tensor([False, True, True, False])
+    crops = resized_crops(images, boxes, flip, 16)  # same size as the box: a 1:1 copy
+    torch.testing.assert_close(crops[0], images[0, :, 4:20, 8:24], atol=1e-5, rtol=0)
+    torch.testing.assert_close(crops[1], images[1, :, 0:16, 2:18].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(crops[2], images[0, :, 10:26, 0:16].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(crops[3], images[1, :, 16:32, 16:32], atol=1e-5, rtol=0)
+
+
+def test_resized_crops_upsample_a_step():
+    images = half_black_half_white(1).float() / 255  # step between columns 15 and 16
+    box = torch.tensor([[0.0, 8.0, 32.0, 16.0]])  # columns 8..23, stretched x2: the step lands mid-output
+    for flip in (False, True):
+        crop = resized_crops(images, box, torch.tensor([flip]), 32, "bilinear")[0, 0]
+        crop = crop.flip(-1) if flip else crop
+        assert torch.all(crop[:, :15] == 0) and torch.all(crop[:, 17:] == 1)
+    left = resized_crops(images, torch.tensor([[0.0, 0.0, 32.0, 12.0]]), torch.tensor([False]), 32)
+    assert torch.all(left == 0)  # a box 4 px clear of the step sees only black, even with bicubic taps
+
+
+def test_sample_crop_boxes_follow_random_resized_crop():
+    boxes = sample_crop_boxes(2000, 40, 50, (0.05, 0.25), gen())
+    top, left, h, w = boxes.unbind(1)
+    assert torch.equal(boxes, boxes.round()) and torch.all((top >= 0) & (left >= 0))
+    assert torch.all((top + h <= 40) & (left + w <= 50))
+    fraction = h * w / (40 * 50)
+    assert fraction.min() > 0.04 and fraction.max() < 0.27  # scale range, up to rounding
+    assert (w / h).min() > 0.6 and (w / h).max() < 1.6
+    assert torch.equal(boxes, sample_crop_boxes(2000, 40, 50, (0.05, 0.25), gen()))
+    # no candidate fits: torchvision falls back to the central crop at the nearest allowed aspect ratio
+    assert torch.equal(sample_crop_boxes(3, 32, 32, (1.5, 2.0), gen()), torch.tensor([[0.0, 0, 32, 32]] * 3))
+    assert torch.equal(sample_crop_boxes(2, 10, 40, (1.5, 2.0), gen()), torch.tensor([[0.0, 13, 10, 13]] * 2))
+
+
+def test_shift_hue_matches_colorsys():
+    pixels = torch.rand(6, 3, 4, 4)
+    pixels[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.5])  # grey: hue undefined, must stay grey
+    shift = torch.tensor([0.0, 0.1, -0.1, 0.5, 0.33, -0.05])
+    out = shift_hue(pixels, shift)
+    for n in range(6):
+        for i in range(4):
+            for j in range(4):
+                h, s, v = colorsys.rgb_to_hsv(*pixels[n, :, i, j].tolist())
+                expected = colorsys.hsv_to_rgb((h + shift[n].item()) % 1, s, v)
+                torch.testing.assert_close(out[n, :, i, j], torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_reference_and_identity():
+    image = torch.zeros(2, 3, 21, 21)
+    image[:, :, 10, 10] = 1
+    out = gaussian_blur(image, torch.tensor([0.0, 1.5]), radius=6)
+    assert torch.equal(out[0], image[0])  # sigma 0 leaves the crop unchanged
+    offsets = torch.arange(-6, 7, dtype=torch.float32)
+    kernel = torch.exp(-offsets ** 2 / (2 * 1.5 ** 2))
+    kernel = kernel / kernel.sum()
+    expected = torch.zeros(21, 21)
+    expected[4:17, 4:17] = kernel[:, None] * kernel[None, :]
+    torch.testing.assert_close(out[1, 1], expected, atol=1e-6, rtol=0)
+
+
+def test_grayscale_gives_equal_channels_about_20_percent():
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    global_crops, _ = MultiCropAugmentation(32, 16, 0)(images, gen())
+    values = unnormalize(global_crops)
+    grey = (values.amax(1) - values.amin(1)).flatten(1).amax(1) < 1e-5  # (2B,) crops with equal channels
+    assert 0.12 < grey.float().mean() < 0.28
+
+
+def test_solarize_only_on_global_crop_2():
+    # a white image stays uniform through every op; only solarisation can bring it below 0.5
+    B = 300
+    white = torch.full((B, 3, 32, 32), 255, dtype=torch.uint8)
+    global_crops, local_crops = MultiCropAugmentation(32, 16, 2)(white, gen())
+    dark_global = unnormalize(global_crops).flatten(1).amax(1) < 0.5
+    assert not dark_global[:B].any() and not (unnormalize(local_crops) < 0.5).any()
+    assert 0.12 < dark_global[B:].float().mean() < 0.28
+
+
+def test_blur_always_on_global_1_rarely_on_global_2_half_on_locals():
+    # crops of the whole step image: pointwise ops keep a one-pixel step, only the blur spreads it
+    B = 300
+    augment = MultiCropAugmentation(32, 32, 2, global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0))
+    global_crops, local_crops = augment(half_black_half_white(B), gen())
+
+    def blurred(crops):  # fraction of crops whose step is spread, among those where a step is left
+        profile = unnormalize(crops).mean((1, 2))  # (N, W): the image is constant along y
+        span = profile.amax(1) - profile.amin(1)  # 0 where solarising merged the two levels
+        step = (profile[:, 1:] - profile[:, :-1]).abs().amax(1)
+        return (step / span < 0.999)[span > 0.05].float().mean()
+
+    assert blurred(global_crops[:B]) > 0.8  # sigma < 0.26 px is invisible here: ~92 % expected
+    assert blurred(global_crops[B:]) < 0.2
+    assert 0.33 < blurred(local_crops) < 0.6
+
+
+# ----------------------------------------------------------------------------------------------------- block masks
+@pytest.mark.parametrize("grid", [8, 14])
+def test_mask_ratio_ibot_recipe_and_fixed(grid):
+    masks = BlockMaskGenerator(grid)(4000, gen())
+    assert masks.shape == (4000, grid * grid) and masks.dtype == torch.bool
+    assert abs(masks.float().mean() - 0.15) < 0.03
+    assert 0.45 < (~masks.any(1)).float().mean() < 0.55  # half the crops unmasked
+    fixed = BlockMaskGenerator(grid, pred_ratio=(0.3,), pred_ratio_var=(0.0,))(4000, gen())
+    assert abs(fixed.float().mean() - 0.3) < 0.03 and fixed.any(1).all()
+
+
+def test_mask_counts_within_targets_and_deterministic():
+    generator = BlockMaskGenerator(14, pred_ratio=(0.0, 0.3, 0.5), pred_ratio_var=(0.0, 0.2, 0.1))
+    targets = generator.sample_targets(3000, gen())
+    masks = generator.block_masks(targets, gen(1))
+    assert torch.all(masks.sum(1) <= targets)
+    assert torch.equal(generator(100, gen(5)), generator(100, gen(5)))
+    assert not torch.equal(generator(100, gen(5)), generator(100, gen(6)))
+
+
+def test_mask_one_round_is_one_rectangle():
+    masks = BlockMaskGenerator(14, pred_ratio=(0.4,), pred_ratio_var=(0.0,), rounds=1)(500, gen()).view(500, 14, 14)
+    assert masks.any((1, 2)).float().mean() > 0.5
+    for mask in masks[masks.any((1, 2))]:
+        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # the bounding box is filled
+
+
+def beit_reference_ratio(grid: int, ratio: float, num: int, rng: random.Random) -> float:
+    """Mean masked fraction of the iBOT/BEiT loop (spec §2.6), written straight from the description."""
+    low, total = (grid // 3) ** 2, 0
+    for _ in range(num):
+        mask, count, high = np.zeros((grid, grid), bool), 0, ratio * grid * grid
+        while count < high:
+            budget, delta = high - count, 0
+            for _ in range(10):
+                area = rng.uniform(low, budget)
+                aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+                if w < grid and h < grid:
+                    top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+                    new = h * w - mask[top:top + h, left:left + w].sum()
+                    if 0 < new <= budget:
+                        mask[top:top + h, left:left + w] = True
+                        delta = new
+                if delta > 0:
+                    break
+            if delta == 0:
+                break
+            count += delta
+        total += mask.sum()
+    return total / (num * grid * grid)
+
+
+@pytest.mark.parametrize("grid", [8, 14])
+def test_mask_matches_beit_loop(grid):
+    reference = beit_reference_ratio(grid, 0.3, 1500, random.Random(0))
+    vectorised = BlockMaskGenerator(grid, (0.3,), (0.0,))(1500, gen()).float().mean().item()
+    assert abs(vectorised - reference) < 0.005
+
+
+# ----------------------------------------------------------------------------------------------------- synthetic
+def test_synthetic_deterministic_balanced_and_split():
+    train = load_dataset("synthetic", "", "train", size=200, seed=0)
+    assert train.images.shape == (200, 3, 32, 32) and train.images.dtype == torch.uint8 and train.num_classes == 10
+    assert torch.equal(torch.bincount(train.labels), torch.full((10,), 20))
+    again = load_dataset("synthetic", "", "train", size=200, seed=0)
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert not torch.equal(train.images, load_dataset("synthetic", "", "test", size=200, seed=0).images)
+    assert not torch.equal(train.images, load_dataset("synthetic", "", "train", size=200, seed=1).images)
+    image, label = train[3]
+    assert image.shape == (3, 32, 32) and label == train.labels[3]
+    assert len(load_dataset("synthetic", "", "test")) == 2000
+
+
+# ----------------------------------------------------------------------------------------------------- Fashion-MNIST
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+
+
+def write_fashion(folder: Path, n: int = 5, gz: bool = True, seed: int = 0) -> dict[str, bytes]:
+    """Fabricated train + t10k IDX files; returns name -> file bytes."""
+    rng, files = np.random.default_rng(seed), {}
+    for prefix in ("train", "t10k"):
+        files[f"{prefix}-images-idx3-ubyte"] = idx_bytes(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 2051)
+        files[f"{prefix}-labels-idx1-ubyte"] = idx_bytes(rng.integers(0, 10, (n,), dtype=np.uint8), 2049)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, raw in files.items():
+        (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
+    return files
+
+
+@pytest.fixture
+def no_system_fashion(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_fabricated(tmp_path, no_system_fashion, gz):
+    files = write_fashion(tmp_path, gz=gz)
+    dataset = load_dataset("fashion_mnist", str(tmp_path), "train")
+    original = torch.tensor(np.frombuffer(files["train-images-idx3-ubyte"][16:], np.uint8).reshape(5, 28, 28))
+    assert dataset.images.shape == (5, 3, 32, 32) and dataset.num_classes == 10
+    assert torch.equal(dataset.images[:, 1, 2:30, 2:30], original)  # zero-padded, not resampled
+    assert dataset.images[:, :, :2].eq(0).all() and dataset.images[:, :, :, 30:].eq(0).all()
+    assert torch.equal(dataset.images[:, 0], dataset.images[:, 2])
+    assert dataset.labels.tolist() == list(files["train-labels-idx1-ubyte"][8:])
+    assert len(load_dataset("fashion_mnist", str(tmp_path), "test")) == 5
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda raw: raw[:-10], "truncated or corrupt"),
+    (lambda raw: (2049).to_bytes(4, "big") + raw[4:], "magic number 2049, expected 2051"),
+    (lambda raw: raw[:3], "magic number None"),
+])
+def test_fashion_mnist_corrupt_images(tmp_path, no_system_fashion, corrupt, message):
+    files = write_fashion(tmp_path, gz=False)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(corrupt(files["train-images-idx3-ubyte"]))
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("fashion_mnist", str(tmp_path), "train")
+    assert "train-images-idx3-ubyte" in str(error.value)
+
+
+def test_fashion_mnist_corrupt_gzip_and_labels(tmp_path, no_system_fashion):
+    write_fashion(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="cannot read .*train-images-idx3-ubyte.gz"):
+        load_dataset("fashion_mnist", str(tmp_path), "train")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.full(5, 10, np.uint8), 2049)))
+    with pytest.raises(DatasetError, match=r"labels in \[0, 10\)"):
+        load_dataset("fashion_mnist", str(tmp_path), "test")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8), 2049)))
+    with pytest.raises(DatasetError, match="must hold 5 labels"):
+        load_dataset("fashion_mnist", str(tmp_path), "test")
+
+
+@pytest.mark.skipif(not Path(data.FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").exists(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_real_files(tmp_path):
+    test = load_dataset("fashion_mnist", str(tmp_path), "test")
+    assert test.images.shape == (10000, 3, 32, 32)
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+    assert test.images[:, :, :2].eq(0).all()
+
+
+def fake_urlopen(payloads: dict[str, bytes]):
+    def urlopen(url, *args, **kwargs):
+        if url not in payloads:
+            raise urllib.error.URLError(f"unexpected url {url}")
+        return io.BytesIO(payloads[url])
+    return urlopen
+
+
+def test_fashion_mnist_download(tmp_path, no_system_fashion, monkeypatch):
+    files = write_fashion(tmp_path / "source")
+    payloads = {}
+    for name in files:
+        payloads[data.FASHION_MNIST_URL + name + ".gz"] = payload = (tmp_path / "source" / (name + ".gz")).read_bytes()
+        monkeypatch.setitem(data.FASHION_MNIST_MD5, name, hashlib.md5(payload).hexdigest())
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(payloads))
+    check_dataset("fashion_mnist", str(tmp_path / "data"))
+    assert len(load_dataset("fashion_mnist", str(tmp_path / "data"), "train")) == 5
+    assert (tmp_path / "data" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_download_offline_and_wrong_md5(tmp_path, no_system_fashion, monkeypatch):
+    with pytest.raises(DatasetError) as error:
+        load_dataset("fashion_mnist", str(tmp_path), "train")
+    url = data.FASHION_MNIST_URL + "train-images-idx3-ubyte.gz"
+    assert f"could not download {url}" in str(error.value) and "by hand" in str(error.value)
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(error.value)
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({url: b"not the archive"}))
+    with pytest.raises(DatasetError, match=f"has md5 {hashlib.md5(b'not the archive').hexdigest()}, "
+                                           f"expected {data.FASHION_MNIST_MD5['train-images-idx3-ubyte']}"):
+        load_dataset("fashion_mnist", str(tmp_path), "train")
+    assert os.listdir(tmp_path) == []  # no partial download left behind
+
+
+# ----------------------------------------------------------------------------------------------------- CIFAR
+class RunsCode:
+    """Pickles to a call of os.system, as a tampered archive would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_cifar(path: Path, name: str = "cifar10", n: int = 4, replace: dict | None = None, extra=(),
+                numpy1_names: bool = True) -> dict:
+    """A small archive in the official layout; replace maps a member to other content (a dict or raw bytes).
+    numpy1_names: name numpy's array reconstructor as the official files (written with numpy 1) do."""
+    spec, rng, batches = data.CIFAR_ARCHIVES[name], np.random.default_rng(0), {}
+    with tarfile.open(path, "w:gz") as tar:
+        folder = tarfile.TarInfo(spec["folder"])
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for member in spec["train"] + spec["test"]:
+            batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                     spec["label_key"].encode(): rng.integers(0, spec["num_classes"], n).tolist(),
+                     b"batch_label": b"fabricated"}
+            if name == "cifar100":
+                batch[b"coarse_labels"] = rng.integers(0, 20, n).tolist()
+            batch = (replace or {}).get(member, batch)
+            payload = batch if isinstance(batch, bytes) else pickle.dumps(batch, protocol=2)
+            if numpy1_names:
+                payload = payload.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            info = tarfile.TarInfo(f"{spec['folder']}/{member}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+            batches[member] = batch
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return batches
+
+
+def use_md5_of(monkeypatch, name: str, path: Path):
+    monkeypatch.setitem(data.CIFAR_ARCHIVES[name], "md5", hashlib.md5(path.read_bytes()).hexdigest())
+
+
+def test_cifar10_parse_and_cache(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    batches = write_cifar(archive)
+    use_md5_of(monkeypatch, "cifar10", archive)
+    train = load_dataset("cifar10", str(tmp_path), "train")
+    assert train.images.shape == (20, 3, 32, 32) and train.num_classes == 10
+    assert torch.equal(train.images[:4].flatten(1), torch.from_numpy(batches["data_batch_1"][b"data"]))
+    assert train.labels[4:8].tolist() == batches["data_batch_2"][b"labels"]
+    test = load_dataset("cifar10", str(tmp_path), "test")
+    assert test.labels.tolist() == batches["test_batch"][b"labels"]
+    archive.unlink()  # the cache alone now serves both splits
+    assert torch.equal(load_dataset("cifar10", str(tmp_path), "train").images, train.images)
+
+
+def test_cifar100_fine_labels(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    batches = write_cifar(archive, "cifar100", n=6, numpy1_names=False)
+    use_md5_of(monkeypatch, "cifar100", archive)
+    train = load_dataset("cifar100", str(tmp_path), "train")
+    assert train.num_classes == 100 and train.labels.tolist() == batches["train"][b"fine_labels"]
+
+
+def test_cifar_download(tmp_path, monkeypatch):
+    write_cifar(tmp_path / "source.tar.gz")
+    payload = (tmp_path / "source.tar.gz").read_bytes()
+    monkeypatch.setitem(data.CIFAR_ARCHIVES["cifar10"], "md5", hashlib.md5(payload).hexdigest())
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen({data.CIFAR_ARCHIVES["cifar10"]["url"]: payload}))
+    assert len(load_dataset("cifar10", str(tmp_path / "data"), "test")) == 4
+
+
+def test_cifar_offline_says_where_to_put_the_archive(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        load_dataset("cifar10", str(tmp_path), "train")
+    assert data.CIFAR_ARCHIVES["cifar10"]["url"] in str(error.value)
+    assert f"put it at {tmp_path / 'cifar-10-python.tar.gz'}" in str(error.value)
+
+
+def test_cifar_wrong_md5(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar(archive)
+    actual = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(DatasetError) as error:
+        load_dataset("cifar10", str(tmp_path), "train")
+    assert all(s in str(error.value) for s in (str(archive), actual, data.CIFAR_ARCHIVES["cifar10"]["md5"]))
+
+
+def unsafe_member(kind: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo({"parent": "../evil", "absolute": "/tmp/evil", "symlink": "cifar-10-batches-py/link",
+                            "device": "cifar-10-batches-py/dev"}[kind])
+    if kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    elif kind == "device":
+        info.type = tarfile.CHRTYPE
+    else:
+        info.size = 1
+    return info
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "device"])
+def test_cifar_unsafe_archive_refused(tmp_path, monkeypatch, kind):
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    write_cifar(archive, extra=[unsafe_member(kind)])
+    use_md5_of(monkeypatch, "cifar10", archive)
+    with pytest.raises(DatasetError, match="unsafe member"):
+        load_dataset("cifar10", str(archive.parent), "train")
+    assert not (tmp_path / "evil").exists() and not (archive.parent / "cifar10.pt").exists()
+
+
+def test_cifar_forbidden_pickle_global_is_not_run(tmp_path, monkeypatch):
+    archive, marker = tmp_path / "cifar-10-python.tar.gz", tmp_path / "pwned"
+    write_cifar(archive, replace={"test_batch": pickle.dumps(RunsCode(marker), protocol=2)})
+    use_md5_of(monkeypatch, "cifar10", archive)
+    with pytest.raises(DatasetError, match=r"cannot unpickle cifar-10-batches-py/test_batch in .*forbidden global"):
+        load_dataset("cifar10", str(tmp_path), "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("replace, message", [
+    ({"data_batch_3": {b"data": np.zeros((4, 1000), np.uint8), b"labels": [0] * 4}},
+     r"'data' must be a uint8 \(n, 3072\)"),
+    ({"data_batch_3": {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}}, r"'labels' must hold 4 integers"),
+    ({"data_batch_3": {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}}, r"in \[0, 10\)"),
+    ({"data_batch_3": [1, 2, 3]}, "holds a list, expected a dict"),
+    ({"data_batch_3": b"\x80\x02}q\x00(X"}, "cannot unpickle"),
+])
+def test_cifar_corrupt_batches(tmp_path, monkeypatch, replace, message):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar(archive, replace=replace)
+    use_md5_of(monkeypatch, "cifar10", archive)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("cifar10", str(tmp_path), "train")
+    assert "data_batch_3" in str(error.value)
+
+
+def test_cifar_truncated_archive_and_missing_member(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar(archive)
+    archive.write_bytes(archive.read_bytes()[:-200])
+    use_md5_of(monkeypatch, "cifar10", archive)
+    with pytest.raises(DatasetError, match=f"cannot read archive {archive}"):
+        load_dataset("cifar10", str(tmp_path), "train")
+    write_cifar(archive, "cifar100")  # a CIFAR-100 archive under the CIFAR-10 name
+    use_md5_of(monkeypatch, "cifar10", archive)
+    with pytest.raises(DatasetError, match="has no member cifar-10-batches-py/data_batch_1"):
+        load_dataset("cifar10", str(tmp_path), "train")
+
+
+# ----------------------------------------------------------------------------------------------------- image folders
+def write_tree(root: Path, classes=("cat", "dog"), per_class: int = 2) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                colour = (40 * k + 10 * i, 100, 200)
+                Image.new("RGB", (40, 30) if i % 2 else (30, 50), colour).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_train_and_test(tmp_path):
+    write_tree(tmp_path)
+    train = load_dataset("folder", str(tmp_path), "train", image_size=16)
+    assert len(train) == 4 and train.num_classes == 2 and train.labels.tolist() == [0, 0, 1, 1]
+    image, label = train[3]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 1
+    assert torch.equal(image, torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16))
+    test = load_dataset("folder", str(tmp_path), "test", image_size=16)
+    assert test.resize == 18 and test[0][0].shape == (3, 16, 16) and train.resize == 16
+    assert load_dataset("folder", str(tmp_path), "train", image_size=16, eval=True).resize == 18  # k-NN features
+
+
+def test_image_folder_eval_protocol_crops_the_border(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        image = Image.new("RGB", (64, 64), (255, 0, 0))
+        image.paste((0, 0, 255), (4, 4, 60, 60))  # blue inside a 4 px red border
+        image.save(tmp_path / split / "a" / "0.png")
+    test_image = load_dataset("folder", str(tmp_path), "test", image_size=56)[0][0]  # 64 -> 64, centre crop 56
+    assert torch.equal(test_image, torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 56, 56))
+    train_image = load_dataset("folder", str(tmp_path), "train", image_size=56)[0][0]  # 64 -> 56: border kept
+    assert train_image[0, 0, 0] > 200 and train_image[0, 28, 28] == 0
+
+
+def test_image_folder_errors(tmp_path):
+    write_tree(tmp_path)
+    bad = tmp_path / "val" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    test = load_dataset("folder", str(tmp_path), "test", image_size=16)
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+        test[[path for path, _ in test.samples].index(str(bad))]
+    (tmp_path / "val" / "bird").mkdir()
+    with pytest.raises(DatasetError, match="same class folders.*bird"):
+        check_dataset("folder", str(tmp_path))
+    (tmp_path / "train" / "bird").mkdir()
+    with pytest.raises(DatasetError, match="bird holds no image"):
+        load_dataset("folder", str(tmp_path), "train")
+
+
+def test_image_folder_layout_errors(tmp_path):
+    with pytest.raises(DatasetError, match=f"needs the directory {tmp_path / 'train'}"):
+        check_dataset("folder", str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DatasetError, match="has no class folders"):
+        check_dataset("folder", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------- checks, batches
+def test_check_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'; valid names: synthetic, cifar10"):
+        check_dataset("imagenet", str(tmp_path))
+    check_dataset("synthetic", "/nonexistent")
+    check_dataset("cifar10", str(tmp_path / "new"))  # absent but downloadable there
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DatasetError, match="is not a directory"):
+        check_dataset("cifar100", str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("synthetic", "", "val")
+
+
+def test_epoch_batches():
+    ranks = [epoch_batches(103, 8, epoch=2, seed=0, rank=r, world_size=3) for r in range(3)]
+    assert all(b.shape == (4, 8) and b.dtype == torch.int64 for b in ranks)  # 103 // 24 = 4 global batches
+    flat = torch.cat([b.flatten() for b in ranks])
+    assert len(flat.unique()) == 96 and flat.max() < 103  # disjoint ranks, drop_last
+    order = torch.stack(ranks, 1).flatten()  # global batch t = rank 0, 1, 2 batches t
+    assert torch.equal(order, torch.cat([epoch_batches(103, 24, 2, 0).flatten()]))
+    assert torch.equal(ranks[1], epoch_batches(103, 8, 2, 0, 1, 3))
+    assert not torch.equal(ranks[1], epoch_batches(103, 8, 3, 0, 1, 3))
+    with pytest.raises(ValueError, match="one global batch"):
+        epoch_batches(20, 8, 0, 0, 0, 3)
+
+
+def test_normalize_images():
+    images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    out = normalize_images(images)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32
+    expected = (128 / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+    torch.testing.assert_close(out[0, :, 5, 5], expected)
+    resized = normalize_images(images, 16)
+    assert resized.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(resized, out[:, :, :16, :16])
+    assert normalize_images(images, 48).shape == (2, 3, 48, 48)

@@ -1,0 +1,188 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_losses_finite_and_falling_checkpoint_and_log(tiny_run):
+    out, trainer = tiny_run
+    header, *records = read_log(out)
+    assert header["config"]["dataset"] == "synthetic" and "torch" in header["environment"]
+    assert records[0] == {"epoch": 0, "step": 0, "knn_top1": records[0]["knn_top1"]}  # k-NN before training
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        for key in ("step", "loss", "loss_cls", "loss_patch", "lr", "images_per_s", "knn_top1", "teacher_entropy",
+                    "teacher_cls_std"):
+            assert key in r and math.isfinite(r[key]), key
+        assert 0 <= r["knn_top1"] <= 100
+    assert records[2]["loss"] < records[1]["loss"]  # the second epoch's mean loss is below the first's
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["step"] == 32 and ckpt["epoch"] == 2
+    assert set(ckpt) >= {"student", "teacher", "optimizer", "scaler", "class_memory", "patch_memory", "config"}
+    assert torch.equal(ckpt["class_memory"]["memory"], trainer.class_memory.memory)
+
+
+def test_step_losses_fall_on_a_fixed_batch():
+    """Repeating one batch and one step index (same crops, same SOPs): the loss must go down."""
+    cfg = train.parse_config(TINY)
+    trainer = train.Trainer(cfg, torch.device("cpu"), 1, steps_per_epoch=100)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    for _ in range(12):  # fill the memories with real teacher embeddings first
+        trainer.train_step(images, 50)
+    losses = [trainer.train_step(images, 50) for _ in range(15)]
+    assert all(torch.isfinite(l).all() for l in losses)
+    assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]  # loss_cls and loss_patch
+
+
+def state_of(trainer):
+    return {**{f"student.{k}": v for k, v in trainer.student.state_dict().items()},
+            **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()},
+            "class_memory": trainer.class_memory.memory, "patch_memory": trainer.patch_memory.memory,
+            "class_ptr": trainer.class_memory.ptr}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    flags = TINY + ["--knn_every", "0"]
+    whole = train.main(flags + ["--output_dir", str(tmp_path / "a")])
+    first = train.main(flags + ["--output_dir", str(tmp_path / "b"), "--max_steps", "5"])  # stops mid-epoch 1
+    assert first.step == 5
+    resumed = train.main(flags + ["--output_dir", str(tmp_path / "b")])
+    assert resumed.step == whole.step == 32
+    a, b = state_of(whole), state_of(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = whole.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in opt_a:
+        assert torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"])
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    original = train.Trainer.train_step
+
+    def step_then_signal(self, images, step, rank=0):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, images, step, rank)
+    monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
+    trainer = train.main(TINY + ["--knn_every", "0", "--output_dir", str(tmp_path)])
+    assert trainer.step == 8  # the signal is acted on at the next logging step (log_every 4)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 8
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    flags = TINY + ["--knn_every", "0", "--output_dir", str(tmp_path)]
+    train.main(flags + ["--epochs", "2", "--max_steps", "16"])  # one good epoch and its checkpoint
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    original, calls = train.sop_mim_loss, []
+
+    def poisoned(*args):  # the third step after resuming (step 18) gets a NaN loss
+        calls.append(1)
+        loss = original(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "sop_mim_loss", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss at step 18"):
+        train.main(flags)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == saved
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "-1"], "--epochs -1: must be > 0"),
+    (["--class_neighbors", "300"], "--class_anchors 32: anchors + neighbours must not exceed --class_memory_size 256"),
+    (["--pred_ratio", "0.9", "--pred_ratio_var", "0.2"], "--pred_ratio"),
+    (["--dataset", "imagenet21k"], "--dataset 'imagenet21k': valid: synthetic, cifar10"),
+    (["--arch", "vit_huge"], "--arch 'vit_huge': valid: vit_tiny, vit_small, vit_base, custom"),
+    (["--global_crops_size", "18"], "--global_crops_size 18: must be a multiple of --patch_size 4"),
+    (["--batch_size_per_gpu", "512"], "--class_memory_size 256: must hold at least one global batch (512 images)"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--dataset", "folder", "--data_path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--precision", "fp16"], "fp16 needs a CUDA device"),
+    (["--smoothing", "1.5"], "--smoothing 1.5"),
+])
+def test_bad_flags_give_one_clear_error(flags, message):
+    with pytest.raises(SystemExit) as info:
+        train.main(TINY + flags)
+    text = str(info.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+
+
+def test_bad_flag_from_the_command_line_prints_one_line_without_traceback():
+    result = subprocess.run([sys.executable, "train.py", "--preset", "cpu_demo", "--class_anchors", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: --class_anchors 0: must be > 0"
+    assert result.stdout == ""
+
+
+def test_help_lists_every_field_with_its_default():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for name in ("--class_anchors", "--teacher_temp", "--preset", "--compile"):
+        assert name in result.stdout
+    assert "(default 4096)" in result.stdout
+
+
+def test_presets_and_overrides():
+    cfg = train.parse_config(["--preset", "cifar", "--epochs", "3"])
+    assert cfg.dataset == "cifar10" and cfg.patch_size == 4 and cfg.epochs == 3
+    assert train.parse_config(["--preset", "imagenet"]) == train.Config(output_dir="runs/imagenet")
+    assert train.parse_config(["--compile", "true"]).compile is True
+
+
+def test_resume_refuses_an_incompatible_checkpoint(tiny_run, tmp_path):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit, match="--embed_dim 48: the checkpoint .* was trained with 32"):
+        train.main(TINY + ["--output_dir", str(out), "--embed_dim", "48", "--num_heads", "2"])
+
+
+def test_schedules():
+    cfg = train.parse_config(TINY)
+    s = train.build_schedules(cfg, steps_per_epoch=10, global_batch=512)
+    assert len(s["lr"]) == 20
+    assert s["lr"][0] == 0 and s["lr"][10] == pytest.approx(1e-3 * 512 / 256)  # warm-up ends at the peak
+    assert np.all(np.diff(s["lr"][10:]) < 0) and s["lr"][-1] < 0.03 * s["lr"][10]  # cosine towards min_lr
+    assert s["teacher_temp"][0] == pytest.approx(0.04) and s["teacher_temp"][10:].min() == pytest.approx(0.07)
+    assert s["momentum"][0] == pytest.approx(0.996) and s["momentum"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert s["weight_decay"][0] == pytest.approx(0.04) and s["weight_decay"][-1] == pytest.approx(0.4, abs=0.01)
+    assert np.all(np.diff(s["momentum"]) >= 0)
+
+
+def test_per_parameter_clipping():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
+    train.clip_gradients([a, b], 1.0)
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.8, 0.0]))  # norm 5 -> 1
+    torch.testing.assert_close(b.grad, torch.tensor([0.3, 0.4]))  # norm 0.5 stays
+
+
+def test_two_process_torchrun_keeps_identical_memories(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join("tests", "ddp_train.py"), *TINY, "--batch_size_per_gpu", "16", "--epochs", "1",
+           "--knn_every", "1", "--output_dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    assert r0["class_ptr"].item() == 16 * 32 % 256  # 16 steps of 2 x 16 images
+    log = read_log(tmp_path)
+    assert log[-1]["step"] == 16 and 0 <= log[-1]["knn_top1"] <= 100
