@@ -85,13 +85,26 @@ def timed(fn, steps: int, device: torch.device) -> list[float]:
 
 
 def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, device: torch.device,
-          peak: float | None, profile: bool) -> dict:
+          peak: float | None, profile: bool, augment_only: bool = False) -> dict:
     cfg = train.parse_config(flags + ["--compile", str(compile_).lower(), "--device", device.type])
     trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=10 ** 6)
     B, size = cfg.batch_size_per_gpu, SOURCE_SIZE.get(name, cfg.global_crops_size)
     torch.manual_seed(0)
     dataset = torch.randint(0, 256, (4 * B, 3, size, size), dtype=torch.uint8, device=device)  # held on the device
     step = 0
+
+    # Augmentation + masking alone, with the step's shapes.
+    gen = torch.Generator(device).manual_seed(0)
+
+    def augment():
+        crops, _ = trainer.augment(dataset[:B], gen)
+        trainer.make_masks(crops.shape[0], gen)
+    timed(augment, 2, device)
+    aug_s = statistics.median(timed(augment, max(3, steps // 2), device))
+    result = {"config": name, "compile": compile_, "batch": B, "augment_ms": 1e3 * aug_s,
+              "augment_images_per_s": B / aug_s}
+    if augment_only:
+        return result
 
     def train_step():
         nonlocal step
@@ -111,15 +124,6 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
             timed(train_step, 3, device)
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
-
-    # Augmentation + masking alone, with the step's shapes.
-    gen = torch.Generator(device).manual_seed(0)
-    images = dataset[:B]
-
-    def augment():
-        crops, _ = trainer.augment(images, gen)
-        trainer.make_masks(crops.shape[0], gen)
-    aug_times = timed(augment, max(3, steps // 2), device)
 
     # Memory work alone: T_C class draws and the patch draw, their probabilities forward and backward.
     G, V = 2 * B, (2 + cfg.local_crops_number) * B
@@ -146,12 +150,11 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
 
     step_s = statistics.median(step_times)
     flops = model_flops_per_image(cfg)
-    result = {"config": name, "compile": compile_, "batch": B, "ms_per_step": 1e3 * step_s,
-              "images_per_s": B / step_s, "peak_mem_gib": peak_mem, "gflops_per_image": flops / 1e9,
-              "mfu_percent": 100 * flops * B / step_s / peak if peak else None,
-              "augment_percent": 100 * statistics.median(aug_times) / step_s,
-              "memory_percent": 100 * statistics.median(memory_times) / step_s,
-              "step_ms_min_max": [1e3 * min(step_times), 1e3 * max(step_times)]}
+    result.update({"ms_per_step": 1e3 * step_s, "images_per_s": B / step_s, "peak_mem_gib": peak_mem,
+                   "gflops_per_image": flops / 1e9, "mfu_percent": 100 * flops * B / step_s / peak if peak else None,
+                   "augment_percent": 100 * aug_s / step_s,
+                   "memory_percent": 100 * statistics.median(memory_times) / step_s,
+                   "step_ms_min_max": [1e3 * min(step_times), 1e3 * max(step_times)]})
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -169,6 +172,7 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak for MFU (default: 989, the H100 SXM dense bf16 peak, on CUDA; none on CPU)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps")
+    parser.add_argument("--augment_only", action="store_true", help="time only augmentation + masking")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -178,16 +182,22 @@ def main(argv=None):
     results = []
     for name in args.configs:
         for compile_ in {"both": (False, True), "true": (True,), "false": (False,)}[args.compile]:
-            r = bench(name, CONFIGS[name], compile_, args.steps, args.warmup, device, peak, args.profile)
+            r = bench(name, CONFIGS[name], compile_, args.steps, args.warmup, device, peak, args.profile,
+                      args.augment_only)
             results.append(r)
             print(json.dumps(r))
-    print(f"\n{'config':<18}{'compile':>8}{'batch':>6}{'ms/step':>9}{'img/s':>9}{'GiB':>7}{'GFLOP/img':>10}"
-          f"{'MFU %':>7}{'aug %':>7}{'mem %':>7}")
-    for r in results:
-        mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
-        print(f"{r['config']:<18}{str(r['compile']):>8}{r['batch']:>6}{r['ms_per_step']:>9.1f}"
-              f"{r['images_per_s']:>9.0f}{r['peak_mem_gib']:>7.1f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
-              f"{r['augment_percent']:>7.1f}{r['memory_percent']:>7.1f}")
+    if args.augment_only:
+        print(f"\n{'config':<18}{'batch':>6}{'aug ms':>9}{'aug img/s':>11}")
+        for r in results:
+            print(f"{r['config']:<18}{r['batch']:>6}{r['augment_ms']:>9.1f}{r['augment_images_per_s']:>11.0f}")
+    else:
+        print(f"\n{'config':<18}{'compile':>8}{'batch':>6}{'ms/step':>9}{'img/s':>9}{'GiB':>7}{'GFLOP/img':>10}"
+              f"{'MFU %':>7}{'aug %':>7}{'mem %':>7}")
+        for r in results:
+            mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
+            print(f"{r['config']:<18}{str(r['compile']):>8}{r['batch']:>6}{r['ms_per_step']:>9.1f}"
+                  f"{r['images_per_s']:>9.0f}{r['peak_mem_gib']:>7.1f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
+                  f"{r['augment_percent']:>7.1f}{r['memory_percent']:>7.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -23,6 +23,17 @@ KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 
 
+class Pixels(torch.nn.Module):
+    """The baseline 'backbone': normalised raw pixels as the feature (returned as the [CLS] token of one token)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.embed_dim = 3 * image_size * image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).unsqueeze(1)  # (b, 1, 3 H W)
+
+
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device: torch.device,
                      image_size: int | None = None, num_workers: int = 0) -> torch.Tensor:
@@ -146,34 +157,45 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="train.py checkpoint or a plain ViT state dict")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="train.py checkpoint or a plain ViT state dict")
+    source.add_argument("--pixels", action="store_true", help="baseline: raw pixels as features")
     parser.add_argument("--dataset", default=None, help=f"one of {data.DATASETS} (default: the checkpoint's)")
     parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
     parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
     parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
     parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: training size)")
+    parser.add_argument("--synthetic_size", type=int, default=None,
+                        help="synthetic training images (default: the checkpoint's, else 20000)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
     args = parser.parse_args(argv)
 
-    backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size)
+    if args.pixels:
+        backbone, image_size, config = None, args.image_size, None
+    else:
+        backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size)
     dataset = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     if dataset is None:
-        raise SystemExit("error: --dataset is required for a plain state dict; valid: " + ", ".join(data.DATASETS))
+        raise SystemExit("error: --dataset is required with --pixels or a plain state dict; valid: "
+                         + ", ".join(data.DATASETS))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     image_size = args.image_size or image_size
     try:
         data.check_dataset(dataset, data_path)
-        size = (config or {}).get("synthetic_size")
-        train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size, evaluation=True)
-        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size)
+        size = args.synthetic_size or (config or {}).get("synthetic_size")
+        train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size or 224,
+                                      evaluation=True)
+        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224)
     except data.DatasetError as e:
         raise SystemExit(f"error: {e}")
+    if backbone is None:
+        backbone = Pixels(image_size or train_set[0][0].shape[-1])
     result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
                           args.num_workers, temperature=args.temperature)
     for k, (top1, top5) in result.items():

@@ -525,7 +525,7 @@ def test_image_folder_train_and_test(tmp_path):
     assert torch.equal(image, torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16))
     test = load_dataset("folder", str(tmp_path), "test", image_size=16)
     assert test.resize == 18 and test[0][0].shape == (3, 16, 16) and train.resize == 16
-    assert load_dataset("folder", str(tmp_path), "train", image_size=16, eval=True).resize == 18  # k-NN features
+    assert load_dataset("folder", str(tmp_path), "train", image_size=16, evaluation=True).resize == 18  # k-NN features
 
 
 def test_image_folder_eval_protocol_crops_the_border(tmp_path):

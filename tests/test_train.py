@@ -24,13 +24,14 @@ def test_end_to_end_losses_finite_and_falling_checkpoint_and_log(tiny_run):
     out, trainer = tiny_run
     header, *records = read_log(out)
     assert header["config"]["dataset"] == "synthetic" and "torch" in header["environment"]
-    assert records[0] == {"epoch": 0, "step": 0, "knn_top1": records[0]["knn_top1"]}  # k-NN before training
+    assert set(records[0]) == {"epoch", "step", "knn_top1", "elapsed_s"} and records[0]["step"] == 0  # k-NN first
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         for key in ("step", "loss", "loss_cls", "loss_patch", "lr", "images_per_s", "knn_top1", "teacher_entropy",
-                    "teacher_cls_std"):
+                    "teacher_cls_std", "elapsed_s"):
             assert key in r and math.isfinite(r[key]), key
         assert 0 <= r["knn_top1"] <= 100
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)  # a clock that only grows
     assert records[2]["loss"] < records[1]["loss"]  # the second epoch's mean loss is below the first's
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert ckpt["step"] == 32 and ckpt["epoch"] == 2
