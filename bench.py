@@ -116,7 +116,7 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_times = timed(train_step, steps, device)
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -195,8 +195,9 @@ def main(argv=None):
               f"{'MFU %':>7}{'aug %':>7}{'mem %':>7}")
         for r in results:
             mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "n/a"
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
             print(f"{r['config']:<18}{str(r['compile']):>8}{r['batch']:>6}{r['ms_per_step']:>9.1f}"
-                  f"{r['images_per_s']:>9.0f}{r['peak_mem_gib']:>7.1f}{r['gflops_per_image']:>10.2f}{mfu:>7}"
+                  f"{r['images_per_s']:>9.0f}{mem:>7}{r['gflops_per_image']:>10.2f}{mfu:>7}"
                   f"{r['augment_percent']:>7.1f}{r['memory_percent']:>7.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -5,8 +5,9 @@ most cosine-similar training images with weight exp(similarity / T), T = 0.07; t
 10, 20, 100, 200 (k = 20 is the headline number).
 
     python eval_knn.py --checkpoint runs/cpu_demo/checkpoint.pth
-    python eval_knn.py --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \
+    python eval_knn.py --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \\
         --dataset folder --data_path /path/to/imagenet
+    python eval_knn.py --pixels --dataset fashion_mnist     # the raw-pixel baseline
 """
 import argparse
 import pickle

@@ -24,6 +24,9 @@ def main(argv=None):
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     runs = [read_points(path) for path in args.logs]
+    for path, (_, points) in zip(args.logs, runs):
+        if not points:
+            raise SystemExit(f"error: {path} has no k-NN record with elapsed_s (logs of train.py from this version on)")
     print("| run | minutes | k-NN top-1 (%) |\n| --- | --- | --- |")
     for name, points in runs:
         for minutes, top1 in points:
