@@ -446,7 +446,7 @@ def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     """int64 (num_batches, batch_size) sample indices of this rank in this epoch.
 
     One permutation per (seed, epoch), the same on every rank, truncated to whole global batches (drop_last, as
-    DINO: the memory size must be a multiple of the global batch) and cut so that global batch t is the
+    DINO: every step enqueues a full global batch into the memories) and cut so that global batch t is the
     rank-ordered concatenation of the ranks' batches t. Deterministic: a run resumes mid-epoch by slicing [step:].
     """
     if not 0 <= rank < world_size:
