@@ -151,13 +151,9 @@ def make_synthetic(size: int, seed: int, split: str, image_size: int = 32) -> Im
     centre, in a shade 0.3-0.4 lighter or darker (random polarity) than a near-grey background (level U(0.3, 0.6),
     faint random tints per channel), soft-edged, plus grey pixel noise. Orientation, phase, period and polarity make
     raw pixels a poor code (weighted k-NN 34 % at 10k training images, 42 % at 20k); every crop of an image shares
-    the kind of pattern, which a patch-based ViT picks up within CPU minutes.
-    Measured dead ends (README, "Synthetic data"): objects (disc, ring, star, ...) at random positions were learnt
-    far more slowly by a small ViT (k-NN ~22 % after 5 CPU minutes); any per-image mark that crops and the DINO
-    colour jitter cannot hide (a uniformly random hue, coloured clutter discs, per-image stroke width) identifies an
-    image across its views, and self-distillation then learns that mark instead of the pattern (k-NN at chance with
-    random hues). So colours stay within the jitter's range and there is no clutter. Train and test come from
-    unrelated random streams of seed.
+    the kind of pattern, which a patch-based ViT picks up within CPU minutes. Colours stay within the colour
+    jitter's range and there is no clutter: a per-image mark that survives crops and jitter becomes the thing
+    self-distillation learns (README, "Synthetic data"). Train and test come from unrelated random streams of seed.
     """
     generator = torch.Generator().manual_seed(_seed_from(seed, 0 if split == "train" else 1))
 

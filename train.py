@@ -98,7 +98,7 @@ class Config:
 
 PRESETS = {
     # README quick start: synthetic data, a 4-block ViT at patch 8, about 4 minutes on a 2-core CPU. Tuned on that
-    # budget (README, "Synthetic data"): SOP-MIM is off because at 4 x 4 tokens it lowered k-NN (45 -> 31 % at weight
+    # budget (BENCHMARKS.md): SOP-MIM is off because at 4 x 4 tokens it lowered k-NN (45 -> 31 % at weight
     # 0.2); local crops are 24 px (3 x 3 tokens) since 16 px ones would be 2 x 2.
     "cpu_demo": dict(dataset="synthetic", synthetic_size=10000, global_crops_size=32, global_crops_scale=(0.3, 1.0),
                      local_crops_number=2, local_crops_size=24, local_crops_scale=(0.15, 0.4), blur_sigma=(0.1, 0.5),
@@ -446,7 +446,7 @@ def train(cfg: Config) -> Trainer:
             raise SystemExit(f"error: {e}")
         trainer.load_state_dict(ckpt)
         step = ckpt["step"]
-        run_start -= ckpt["elapsed_s"]  # wall-clock time keeps counting across resumes
+        run_start -= ckpt.get("elapsed_s", 0.0)  # wall-clock time keeps counting across resumes
     env = environment(device, world)
     if main_process:
         print(f"config: {json.dumps(asdict(cfg))}\nenvironment: {json.dumps(env)}")
