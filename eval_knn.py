@@ -10,8 +10,11 @@ most cosine-similar training images with weight exp(similarity / T), T = 0.07; t
     python eval_knn.py --pixels --dataset fashion_mnist     # the raw-pixel baseline
 """
 import argparse
+import math
 import pickle
 import sys
+import zipfile
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -76,17 +79,20 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Weighted k-NN: {k: (top1 %, top5 %)}. Features (n, D) unit-norm, labels (n,) int64.
 
     Test images go in chunks, so a chunk x n_train similarity matrix is the largest tensor (ImageNet-sized sets).
+    A k above the number of training images votes with all of them (the result keeps the requested k as its key).
     """
+    if len(train_features) == 0 or not ks or min(ks) < 1 or not temperature > 0:
+        raise ValueError(f"k-NN needs training images, ks >= 1 and temperature > 0; got {len(train_features)} "
+                         f"images, ks {tuple(ks)}, temperature {temperature}")
     train_labels, test_labels = train_labels.to(train_features.device), test_labels.to(train_features.device)
-    ks = [k for k in ks if k <= len(train_features)]
-    k_max = max(ks)
+    k_max = min(max(ks), len(train_features))
     correct = {k: torch.zeros(2, device=train_features.device) for k in ks}
     for start in range(0, len(test_features), chunk_size):
         feats, labels = test_features[start:start + chunk_size], test_labels[start:start + chunk_size]
         sims, idx = (feats @ train_features.T).topk(k_max, dim=1)  # (c, k_max), most similar first
         votes = F.one_hot(train_labels[idx], num_classes).float() * (sims / temperature).exp().unsqueeze(-1)
         for k in ks:
-            scores = votes[:, :k].sum(1)  # (c, C) class scores from the k nearest
+            scores = votes[:, :min(k, k_max)].sum(1)  # (c, C) class scores from the k nearest
             top_scores, top = scores.topk(min(5, num_classes), dim=1)  # (c, 5)
             hits = (top == labels.unsqueeze(1)) & (top_scores > 0)  # a class without a vote is no prediction
             correct[k] += torch.stack((hits[:, 0].sum(), hits.any(1).sum())).float()
@@ -105,28 +111,40 @@ def knn_evaluate(backbone, train_set, test_set, device, batch_size=256, image_si
 
 def read_checkpoint(path: str) -> dict:
     """torch.load(weights_only=True): tensors and plain containers only. A file that would need arbitrary code to
-    unpickle (or a corrupt one) raises ValueError with a one-line reason."""
+    unpickle, a corrupt one, or one whose zip CRCs do not match its bytes (a flipped bit inside a tensor, which
+    torch.load itself does not notice) raises ValueError with a one-line reason."""
     try:
+        if zipfile.is_zipfile(path):  # torch.save's format; older (legacy) pickles carry no checksums
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # reads every member and checks its CRC-32
+            if bad is not None:
+                raise ValueError(f"{path}: corrupt checkpoint: the CRC of member {bad} does not match its bytes")
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0])
         raise ValueError(f"{path}: refused or unreadable (checkpoints load with weights_only=True): {reason}")
 
 
-def load_backbone(path: str, arch: str | None = None, patch_size: int = 16):
+def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, interpolate_offset: float | None = None):
     """Backbone from a checkpoint of train.py (its config rebuilds it) or from a plain ViT state dict (needs arch).
 
     Returns (backbone, eval image size, checkpoint config or None). Loads with weights_only=True: a checkpoint that
-    needs arbitrary code to unpickle is refused.
+    needs arbitrary code to unpickle is refused. interpolate_offset: position-embedding resampling at other sizes
+    (model.VisionTransformer); None = the checkpoint's setting, else 0 (0.1 suits published DINO/iBOT weights).
     """
     try:
         ckpt = read_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"error: --checkpoint {e}")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if config is not None:
+        needed = ("arch", "global_crops_size", "patch_size", "embed_dim", "depth", "num_heads")
+        if not isinstance(config, dict) or not all(isinstance(config.get(k), (int, str)) for k in needed):
+            raise SystemExit(f"error: --checkpoint {path}: its 'config' is not a train.py config (a dict with "
+                             f"{', '.join(needed)})")
     state = ckpt
     for key in ("teacher", "state_dict", "model"):  # ours / iBOT / generic wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -137,16 +155,21 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16):
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "masked_embed"}
     if config is not None:
-        backbone = build_backbone(config["arch"], config["global_crops_size"], config["patch_size"],
-                                  use_mask_token=False, embed_dim=config["embed_dim"], depth=config["depth"],
-                                  num_heads=config["num_heads"])
+        offset = config.get("interpolate_offset", 0.0) if interpolate_offset is None else interpolate_offset
+        try:
+            backbone = build_backbone(config["arch"], config["global_crops_size"], config["patch_size"],
+                                      use_mask_token=False, embed_dim=config["embed_dim"], depth=config["depth"],
+                                      num_heads=config["num_heads"], interpolate_offset=offset)
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise SystemExit(f"error: --checkpoint {path}: its config cannot build a backbone: {e}")
         image_size = config["global_crops_size"]
     else:
         if arch not in ARCHS or "pos_embed" not in state:
             raise SystemExit(f"error: --checkpoint {path} is a plain state dict: pass --arch "
                              f"({', '.join(ARCHS)}) and --patch_size")
         grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))  # learnt grid of the published weights
-        backbone = build_backbone(arch, grid * patch_size, patch_size, use_mask_token=False)
+        backbone = build_backbone(arch, grid * patch_size, patch_size, use_mask_token=False,
+                                  interpolate_offset=interpolate_offset or 0.0)
         image_size = 224
     try:
         backbone.load_state_dict(state)
@@ -172,12 +195,27 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
+    parser.add_argument("--interpolate_offset", type=float, default=None,
+                        help="position-embedding resampling at other sizes: 0 exact (ours), 0.1 DINO/iBOT's form "
+                             "(default: the checkpoint's, 0 for plain state dicts)")
     args = parser.parse_args(argv)
+    for name, ok, valid in (("batch_size", args.batch_size > 0, "must be > 0"),
+                            ("num_workers", args.num_workers >= 0, "must be >= 0"),
+                            ("temperature", math.isfinite(args.temperature) and args.temperature > 0,
+                             "must be a finite number > 0"),
+                            ("image_size", args.image_size is None or args.image_size > 0, "must be > 0"),
+                            ("synthetic_size", args.synthetic_size is None or 0 < args.synthetic_size <= 10 ** 6,
+                             "valid: 1 to 1000000"),
+                            ("interpolate_offset", args.interpolate_offset is None
+                             or 0 <= args.interpolate_offset < 1, "valid: 0 <= offset < 1")):
+        if not ok:
+            raise SystemExit(f"error: --{name} {getattr(args, name)!r}: {valid}")
 
     if args.pixels:
         backbone, image_size, config = None, args.image_size, None
     else:
-        backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size)
+        backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size,
+                                                     args.interpolate_offset)
     dataset = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     if dataset is None:
@@ -197,6 +235,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if backbone is None:
         backbone = Pixels(image_size or train_set[0][0].shape[-1])
+    elif image_size and image_size % backbone.patch_embed.patch_size:
+        raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
+                         f"{backbone.patch_embed.patch_size}")
+    if len(train_set) < max(KNN_KS):
+        print(f"note: only {len(train_set)} training images: a k above that votes with all of them")
     result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
                           args.num_workers, temperature=args.temperature)
     for k, (top1, top5) in result.items():

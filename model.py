@@ -91,19 +91,21 @@ class VisionTransformer(nn.Module):
     """ViT backbone returning all final-normed tokens, [CLS] first.
 
     img_size fixes the size of the learnt position embeddings; inputs of any other size whose sides the patch size
-    divides (local crops, evaluation sizes) get bicubically resized position embeddings. With use_mask_token, a
+    divides (local crops, evaluation sizes) get bicubically resized position embeddings, sampled at the exact pixel
+    centres of the new grid (interpolate_offset 0) or, with interpolate_offset 0.1, as DINO/iBOT/official SOP do
+    (README, deviation 14). With use_mask_token, a
     boolean mask (B, P), True = masked, replaces the masked patch embeddings by a learnt token before the position
     embeddings are added (iBOT's masked image modelling).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 use_mask_token: bool = True):
+                 use_mask_token: bool = True, interpolate_offset: float = 0.0):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide img_size {img_size}")
         self.patch_size, self.embed_dim = patch_size, embed_dim
-        self.grid_size = img_size // patch_size
+        self.grid_size, self.interpolate_offset = img_size // patch_size, interpolate_offset
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size ** 2, embed_dim))
@@ -122,7 +124,13 @@ class VisionTransformer(nn.Module):
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         g, D = self.grid_size, self.embed_dim
         patch_pos = patch_pos.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+        if self.interpolate_offset:
+            # DINO's form: a scale factor of (h + offset) / g makes interpolate sample slightly off the pixel
+            # centres of the h x w grid (their guard against floor() rounding the output size down).
+            scale = ((h + self.interpolate_offset) / g, (w + self.interpolate_offset) / g)
+            patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+        else:
+            patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, D)  # (1, h w, D)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
@@ -201,7 +209,7 @@ class SOPNetwork(nn.Module):
 
 def build_backbone(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
                    use_mask_token: bool = True, embed_dim: int = 0, depth: int = 0,
-                   num_heads: int = 0) -> VisionTransformer:
+                   num_heads: int = 0, interpolate_offset: float = 0.0) -> VisionTransformer:
     """ViT from a preset name ('vit_tiny', 'vit_small', 'vit_base'); non-zero embed_dim/depth/num_heads override
     the preset (arch 'custom' needs all three)."""
     width, layers, heads = ARCHS.get(arch, (0, 0, 0))
@@ -209,7 +217,7 @@ def build_backbone(arch: str, img_size: int, patch_size: int, drop_path_rate: fl
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join([*ARCHS, 'custom'])}")
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim or width,
                              depth=depth or layers, num_heads=num_heads or heads, drop_path_rate=drop_path_rate,
-                             use_mask_token=use_mask_token)
+                             use_mask_token=use_mask_token, interpolate_offset=interpolate_offset)
 
 
 def _init_weights(m: nn.Module) -> None:

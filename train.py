@@ -10,13 +10,17 @@ resumes from the latter when it exists.
 """
 import argparse
 import dataclasses
+import errno
+import fcntl
 import json
+import math
 import os
 import platform
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +60,7 @@ class Config:
     depth: int = 0  # 0: the arch's depth
     num_heads: int = 0  # 0: the arch's heads
     drop_path_rate: float = 0.1  # student stochastic depth
+    interpolate_offset: float = 0.0  # position-embedding resampling at other sizes: 0 exact, 0.1 DINO/iBOT's form
     head_hidden_dim: int = 2048
     out_dim: int = 256  # d, embedding dim of the memories
     # self-organizing prototypes (spec §2, Decisions 1-3)
@@ -91,6 +96,7 @@ class Config:
     seed: int = 0
     output_dir: str = "runs/sop"
     resume: bool = True  # continue from output_dir/checkpoint.pth when it exists
+    resume_changes: str = "refuse"  # refuse | ok: resume although settings that change the trajectory differ
     knn_every: int = 10  # epochs between k-NN evaluations (also before the first step); 0 = never
     log_every: int = 20  # steps between progress updates (the only host syncs of the loop)
     max_steps: int = 0  # stop after this many steps of this run (with a checkpoint); 0 = to the end
@@ -155,12 +161,35 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; valid: true, false")
 
 
+MAX_EPOCHS, MAX_SYNTHETIC_SIZE, MAX_STEPS = 100_000, 2_000_000, 10 ** 8  # beyond these, schedules or data won't fit
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Refuse impossible or inconsistent settings before any compute (ConfigError names the flag)."""
     def need(ok, name, valid):
         if not ok:
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: {valid}")
+            value = getattr(cfg, name)
+            raise ConfigError(f"--{name} {' '.join(map(str, value)) if isinstance(value, tuple) else repr(value)}: "
+                              f"{valid}")
+    for field in dataclasses.fields(Config):  # nan and inf pass every comparison below in some direction
+        value = getattr(cfg, field.name)
+        if isinstance(value, (float, tuple)):
+            need(all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))), field.name,
+                 "must be finite")
+    positive = ("epochs", "batch_size_per_gpu", "class_draws", "log_every", "student_temp", "teacher_temp",
+                "warmup_teacher_temp", "lr", "patch_size", "head_hidden_dim", "out_dim", "global_crops_size",
+                "local_crops_size")
+    for name in positive:
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "knn_every", "max_steps",
+                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed",
+                 "embed_dim", "depth", "num_heads"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0" + (" (0 = the arch's)" if name in
+                                                                ("embed_dim", "depth", "num_heads") else ""))
+    need(cfg.epochs <= MAX_EPOCHS, "epochs", f"valid: 1 to {MAX_EPOCHS}")
+    need(cfg.synthetic_size <= MAX_SYNTHETIC_SIZE, "synthetic_size", f"valid: 1 to {MAX_SYNTHETIC_SIZE} images")
     need(cfg.dataset in data.DATASETS, "dataset", f"valid: {', '.join(data.DATASETS)}")
+    need(cfg.dataset != "synthetic" or cfg.synthetic_size > 0, "synthetic_size", "must be > 0")
     need(cfg.arch in (*ARCHS, "custom"), "arch", f"valid: {', '.join([*ARCHS, 'custom'])}")
     if cfg.arch == "custom":
         for name in ("embed_dim", "depth", "num_heads"):
@@ -174,6 +203,7 @@ def validate(cfg: Config, world_size: int) -> None:
         need(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, name, "two numbers 0 < min <= max <= 1")
     need(len(cfg.blur_sigma) == 2 and 0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1], "blur_sigma", "0 < min <= max")
     need(len(cfg.pred_ratio) == len(cfg.pred_ratio_var) > 0, "pred_ratio_var", "one value per --pred_ratio value")
+    need(all(v >= 0 for v in cfg.pred_ratio_var), "pred_ratio_var", "every value must be >= 0")
     for r, v in zip(cfg.pred_ratio, cfg.pred_ratio_var):
         need(0 <= r - v and r + v < 1, "pred_ratio", "every ratio +- its var must lie in [0, 1)")
     global_batch = cfg.batch_size_per_gpu * world_size
@@ -185,25 +215,29 @@ def validate(cfg: Config, world_size: int) -> None:
         need(getattr(cfg, neighbors) >= 0, neighbors, "must be >= 0")
         need(getattr(cfg, anchors) + getattr(cfg, neighbors) <= size, anchors,
              f"anchors + neighbours must not exceed --{memory} {size}")
-    positive = ("epochs", "batch_size_per_gpu", "class_draws", "log_every", "student_temp", "teacher_temp",
-                "warmup_teacher_temp", "lr", "patch_size", "head_hidden_dim", "out_dim")
-    for name in positive:
-        need(getattr(cfg, name) > 0, name, "must be > 0")
-    for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "knn_every", "max_steps",
-                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(0 <= cfg.smoothing < 1, "smoothing", "valid: 0 <= smoothing < 1")
     need(0 <= cfg.drop_path_rate < 1, "drop_path_rate", "valid: 0 <= rate < 1")
     need(0 <= cfg.momentum_teacher <= 1, "momentum_teacher", "valid: 0 <= momentum <= 1")
+    need(0 <= cfg.interpolate_offset < 1, "interpolate_offset", "valid: 0 (exact) to < 1; DINO/iBOT use 0.1")
+    need(cfg.resume_changes in ("refuse", "ok"), "resume_changes", "valid: refuse, ok")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "valid: auto, cpu, cuda")
     need(cfg.device != "cuda" or torch.cuda.is_available(), "device", "no CUDA device is available; valid: auto, cpu")
     need(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "valid: auto, bf16, fp16, fp32")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     need(cfg.precision != "fp16" or cuda, "precision", "fp16 needs a CUDA device; valid on CPU: auto, bf16, fp32")
+    need(_writable_dir(cfg.output_dir), "output_dir", "cannot be created or written to (check its permissions)")
     try:
         data.check_dataset(cfg.dataset, cfg.data_path)
     except data.DatasetError as e:
         raise ConfigError(f"--dataset {cfg.dataset} --data_path {cfg.data_path}: {e}")
+
+
+def _writable_dir(path: str) -> bool:
+    """Whether path is, or can be created as, a directory this process can write files into."""
+    existing = next(p for p in [os.path.abspath(path), *Path(os.path.abspath(path)).parents] if os.path.exists(p))
+    if os.path.abspath(existing) == os.path.abspath(path) and not os.path.isdir(path):
+        return False
+    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
 
 
 def setup(cfg: Config):
@@ -378,30 +412,110 @@ class Trainer:
 STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_cls_std")
 SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_hidden_dim", "out_dim",
                 "global_crops_size", "class_memory_size", "patch_memory_size")
+# Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
+# the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
+RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
+                      "num_workers", "device", "compile")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on SIGTERM / Ctrl-C after saving; resume to continue
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message is one line."""
+
+
+def previous_path(path: str) -> str:
+    return path.removesuffix(".pth") + ".prev.pth"
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically (temp file, fsync, rename) and keep the checkpoint it replaces as checkpoint.prev.pth, so a
+    crash mid-write, a full disk or one bad file never costs the last good state."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC), not a bare RuntimeError
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        kept = path if os.path.exists(path) else "none was written yet"
+        raise CheckpointError(f"{'disk full' if full else 'cannot write'} while saving {path} "
+                              f"({getattr(e, 'strerror', None) or e}); the previous checkpoint ({kept}) is intact")
+    if os.path.exists(path):
+        os.replace(path, previous_path(path))
     os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves survive a power cut
+    finally:
+        os.close(directory)
+
+
+def check_finite_state(trainer: "Trainer", step: int, ckpt_path: str) -> None:
+    """Refuse to save non-finite networks or memories: the loss is checked before each update, so a diverging last
+    update (e.g. --lr inf) would otherwise write NaN weights over the last good checkpoint. One host sync."""
+    tensors = [t for module in (trainer.student, trainer.teacher, trainer.class_memory, trainer.patch_memory)
+               for t in module.state_dict().values() if t.is_floating_point()]
+    if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        raise CheckpointError(f"non-finite weights or memories after step {step} (the update diverged: lower --lr?); "
+                              f"stopped without saving, the last checkpoint ({ckpt_path}) is intact")
 
 
 def load_checkpoint(path: str, cfg: Config) -> dict:
-    """Read a checkpoint with weights_only=True; refuse one whose networks or memories differ from cfg."""
+    """Read a checkpoint with weights_only=True, verifying its CRCs; refuse one whose networks or memories differ
+    from cfg, or that lacks what a resume needs."""
     try:
         ckpt = read_checkpoint(path)
     except ValueError as e:  # a corrupt file, or a pickle that would run code
-        raise ConfigError(f"--output_dir {cfg.output_dir}: cannot resume from {e}; delete it, or pass --resume false "
-                          f"with another --output_dir")
-    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+        raise CheckpointError(f"cannot resume from {e}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no config)")
+    saved = ckpt["config"]
     for name in SHAPE_FIELDS:
         if saved.get(name) != getattr(cfg, name):
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained with "
-                              f"{saved.get(name)!r}; use that value or another --output_dir")
+            raise CheckpointError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained "
+                                  f"with {saved.get(name)!r}; use that value or another --output_dir")
+    step = ckpt.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
+    missing = [k for k in ("student", "teacher", "optimizer", "scaler", "class_memory", "patch_memory")
+               if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a complete train.py checkpoint")
     return ckpt
+
+
+def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """{field: (old, new)} for the fields that change the trajectory and differ from the checkpoint's config."""
+    changes = {}
+    for field in dataclasses.fields(Config):
+        if field.name in RESUME_FREE_FIELDS:
+            continue
+        old, new = saved.get(field.name, field.default), getattr(cfg, field.name)  # older checkpoints: defaults
+        if (tuple(old) if isinstance(old, list) else old) != new:
+            changes[field.name] = (old, new)
+    return changes
+
+
+def resume_state(cfg: Config, ckpt_path: str) -> tuple[dict | None, list[str]]:
+    """The checkpoint to resume from (None for a fresh start) and notes to print and log. A current checkpoint that
+    fails its checks while checkpoint.prev.pth passes them is replaced by the latter, loudly."""
+    prev = previous_path(ckpt_path)
+    candidates = [p for p in (ckpt_path, prev) if os.path.exists(p)]
+    if not cfg.resume or not candidates:
+        return None, []
+    try:
+        return load_checkpoint(candidates[0], cfg), []
+    except CheckpointError as error:
+        if candidates[0] == prev or len(candidates) == 1:
+            raise
+        try:
+            ckpt = load_checkpoint(prev, cfg)
+        except CheckpointError:
+            raise error from None
+        return ckpt, [f"warning: {error}; resuming from the previous checkpoint {prev} (step {ckpt['step']})"]
 
 
 def main(argv: list[str] | None = None) -> "Trainer":
@@ -413,9 +527,84 @@ def main(argv: list[str] | None = None) -> "Trainer":
     return train(cfg)
 
 
+class OutputLock:
+    """An exclusive lock on output_dir/.lock for the run's lifetime (rank 0): a second run on the same directory is
+    refused, naming the holder's pid. The OS drops the lock when the process ends, however it ends."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise SystemExit(f"error: --output_dir {output_dir} is in use by another run (pid {holder}); wait for it "
+                             f"to finish or choose another --output_dir")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """SIGTERM and a first Ctrl-C ask the loop to save and stop after the current step (a second Ctrl-C stops at
+    once). Under torchrun every rank learns of a request on any rank through a tiny CPU all-reduce per step on a
+    gloo group: host-to-host, so the GPU stream is never synchronised."""
+
+    def __init__(self, world: int):
+        self.requested = False
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving and stopping after this step"
+              + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def any_rank(self) -> bool:
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag[0])
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: Config) -> Trainer:
     run_start = time.time()
     device, rank, world = setup(cfg)
+    main_process = rank == 0
+    lock = None
+    if main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        lock = OutputLock(cfg.output_dir)
+    stop = None
+    try:
+        stop = StopSignals(world)
+        return _train(cfg, device, rank, world, run_start, stop)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if stop is not None:
+            stop.restore()
+        if lock is not None:
+            lock.release()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: float, stop: StopSignals) -> Trainer:
     main_process = rank == 0
     if rank > 0:
         dist.barrier()  # rank 0 downloads and caches the dataset first
@@ -427,24 +616,31 @@ def train(cfg: Config) -> Trainer:
     if rank == 0 and world > 1:
         dist.barrier()
     in_memory = isinstance(train_set, data.ImageDataset)  # in-memory sets live on the device (airbench style)
-    train_images = train_set.images.to(device) if in_memory else None
     global_batch = cfg.batch_size_per_gpu * world
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch_size_per_gpu {cfg.batch_size_per_gpu}: the global batch {global_batch} "
                          f"exceeds the {len(train_set)} training images")
     total_steps = cfg.epochs * steps_per_epoch
-    trainer = Trainer(cfg, device, world, steps_per_epoch)
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    if total_steps > MAX_STEPS:
+        raise SystemExit(f"error: --epochs {cfg.epochs}: {total_steps} steps ({steps_per_epoch} per epoch) is more "
+                         f"than {MAX_STEPS}")
     ckpt_path, log_path = os.path.join(cfg.output_dir, "checkpoint.pth"), os.path.join(cfg.output_dir, "log.jsonl")
+    ckpt, notes = resume_state(cfg, ckpt_path)  # read and checked before any compute
+    changes = config_changes(ckpt["config"], cfg) if ckpt is not None else {}
+    if changes and cfg.resume_changes != "ok":
+        listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+        raise SystemExit(f"error: --output_dir {cfg.output_dir}: resuming with changed settings breaks exact resume: "
+                         f"{listed}; pass --resume_changes ok to accept them, or use another --output_dir")
+    train_images = train_set.images.to(device) if in_memory else None
+    trainer = Trainer(cfg, device, world, steps_per_epoch)
     step = 0
-    if cfg.resume and os.path.exists(ckpt_path):
+    if ckpt is not None:
         try:
-            ckpt = load_checkpoint(ckpt_path, cfg)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}")
-        trainer.load_state_dict(ckpt)
+            trainer.load_state_dict(ckpt)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit this run's networks or memories: "
+                                  f"{str(e).strip().splitlines()[0]}")
         step = ckpt["step"]
         run_start -= ckpt.get("elapsed_s", 0.0)  # wall-clock time keeps counting across resumes
     env = environment(device, world)
@@ -454,6 +650,9 @@ def train(cfg: Config) -> Trainer:
               f"{global_batch} / 256), {steps_per_epoch} steps/epoch, {total_steps} steps, precision "
               f"{trainer.precision}, {sum(p.numel() for p in trainer.params) / 1e6:.2f} M student parameters"
               + (f", resuming at step {step}" if step else ""))
+        for note in notes + [f"resuming with changed settings (--resume_changes ok): {name} {old!r} -> {new!r}"
+                             for name, (old, new) in changes.items()]:
+            print(note)
 
     def log(record: dict) -> None:
         if main_process:
@@ -462,6 +661,9 @@ def train(cfg: Config) -> Trainer:
     if step == 0 and main_process:
         with open(log_path, "w") as f:  # a fresh run starts a fresh log with its config and environment
             f.write(json.dumps({"config": asdict(cfg), "environment": env}) + "\n")
+    if notes or changes:
+        log({"step": step, "resumed_from_previous_checkpoint": bool(notes),
+             "resume_changes": {name: [old, new] for name, (old, new) in changes.items()}})
 
     test_set = None
     def knn_top1(epoch: int) -> float | None:
@@ -481,16 +683,11 @@ def train(cfg: Config) -> Trainer:
         if main_process:
             print(f"epoch 0: knn_top1 {top1:.2f}")
 
-    stop_requested = False
-    def on_sigterm(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
     stop_step = total_steps if cfg.max_steps == 0 else min(total_steps, step + cfg.max_steps)
     no_bad_step = torch.iinfo(torch.long).max
     first_bad_step = torch.full((), no_bad_step, dtype=torch.long, device=device)
-    while step < stop_step:
+    trainer.preempted = stopping = stop.any_rank()  # a signal during the epoch-0 k-NN
+    while step < stop_step and not stopping:
         epoch, first_batch = divmod(step, steps_per_epoch)
         # The epoch's batches are a function of (seed, epoch): resuming mid-epoch skips the ones already done.
         batches = data.epoch_batches(len(train_set), cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
@@ -512,13 +709,14 @@ def train(cfg: Config) -> Trainer:
                                          first_bad_step.clamp(max=step))  # no host sync
             step, epoch_steps = step + 1, epoch_steps + 1
             bar.update(1)
-            if step % cfg.log_every == 0 or epoch_steps == len(batches):  # the loop's only host syncs
-                stop_requested = check_health(first_bad_step, no_bad_step, stop_requested, ckpt_path)
+            stopping = stop.any_rank()  # a host-side flag (and a CPU all-reduce under torchrun): no GPU sync
+            if stopping or step % cfg.log_every == 0 or epoch_steps == len(batches):  # the loop's only host syncs
+                check_finite_loss(first_bad_step, no_bad_step, ckpt_path)
                 images_per_s = epoch_steps * global_batch / (time.time() - start_time)
                 bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{trainer.schedules['lr'][step - 1]:.2e}",
                                 img_s=f"{images_per_s:.0f}")
-                if stop_requested:
-                    break
+            if stopping:
+                break
         bar.close()
 
         whole_epoch = step % steps_per_epoch == 0
@@ -526,13 +724,16 @@ def train(cfg: Config) -> Trainer:
                   **dict(zip(STATS, (sums / max(epoch_steps, 1)).tolist())),
                   "lr": float(trainer.schedules["lr"][step - 1]),
                   "images_per_s": epoch_steps * global_batch / (time.time() - start_time)}
+        check_finite_state(trainer, step, ckpt_path)  # on every rank (identical weights), so all stop together
         if main_process:  # every random stream of step s is seeded from (seed, s): the step is the RNG state
             save_checkpoint(ckpt_path, {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                                         "elapsed_s": time.time() - run_start, "config": asdict(cfg)})
-        if stop_requested:
+        if stopping:
+            record["stopped_by_signal"] = True
             log(record)
             if main_process:
-                print(f"SIGTERM: stopped after step {step}; checkpoint written to {ckpt_path}")
+                print(f"stopped by a signal after step {step}; checkpoint written to {ckpt_path}; run the same "
+                      f"command to resume (exit status {PREEMPTED_EXIT_CODE})")
             break
         if whole_epoch and (top1 := knn_top1(step // steps_per_epoch)) is not None:
             record["knn_top1"] = top1
@@ -540,27 +741,22 @@ def train(cfg: Config) -> Trainer:
         log(record)
         if main_process:
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-    signal.signal(signal.SIGTERM, previous_handler)
-    if world > 1:
-        dist.destroy_process_group()
-    trainer.step = step
+        stopping = stop.any_rank()  # a signal during the k-NN evaluation: the checkpoint above is this step's
+    trainer.step, trainer.preempted = step, stopping
     return trainer
 
 
-def check_health(first_bad_step: torch.Tensor, no_bad_step: int, stop_requested: bool, ckpt_path: str) -> bool:
-    """Host sync at the logging cadence: stop on a non-finite loss, agree on SIGTERM across ranks.
+def check_finite_loss(first_bad_step: torch.Tensor, no_bad_step: int, ckpt_path: str) -> None:
+    """Host sync at the logging cadence: stop on a non-finite loss (on any rank), naming the earliest such step.
 
-    Returns whether any rank asked to stop. A non-finite loss exits before any checkpoint is written, so the last
-    checkpoint stays the last good state.
+    It exits before any checkpoint is written, so the last checkpoint stays the last good state.
     """
-    status = torch.stack((first_bad_step, first_bad_step.new_tensor(-int(stop_requested))))
+    bad_step = first_bad_step.clone()
     if dist.is_initialized():
-        dist.all_reduce(status, op=dist.ReduceOp.MIN)  # earliest bad step; -1 when any rank got SIGTERM
-    bad_step, stop = status.tolist()
-    if bad_step != no_bad_step:
-        raise SystemExit(f"error: non-finite loss at step {bad_step}; stopped without saving, the last checkpoint "
-                         f"({ckpt_path}) is intact")
-    return stop < 0
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
+    if bad_step.item() != no_bad_step:
+        raise SystemExit(f"error: non-finite loss at step {bad_step.item()}; stopped without saving, the last "
+                         f"checkpoint ({ckpt_path}) is intact")
 
 
 def environment(device: torch.device, world: int) -> dict:
@@ -571,4 +767,7 @@ def environment(device: torch.device, world: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(PREEMPTED_EXIT_CODE if main().preempted else 0)
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint for the interrupted step, the last one is intact
+        sys.exit("interrupted by a second Ctrl-C; the last checkpoint is intact")

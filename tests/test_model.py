@@ -126,3 +126,19 @@ def test_bad_sizes_are_refused():
         VisionTransformer(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="unknown arch"):
         build_backbone("vit_huge", 224, 16)
+
+
+def test_dino_form_position_embedding_interpolation():
+    """interpolate_offset 0.1 resamples as DINO/iBOT do: scale factor (h + 0.1) / g, which samples slightly off the
+    pixel centres of the new grid; 0 samples at them. Both keep the native grid untouched."""
+    torch.manual_seed(0)
+    exact = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=2)
+    dino = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=2, interpolate_offset=0.1)
+    dino.load_state_dict(exact.state_dict())
+    assert dino.interpolate_pos_encoding(8, 8) is dino.pos_embed
+    grid = exact.pos_embed[:, 1:].reshape(1, 8, 8, 48).permute(0, 3, 1, 2)
+    reference = torch.nn.functional.interpolate(grid, scale_factor=(3.1 / 8, 3.1 / 8), mode="bicubic",
+                                                align_corners=False)  # DINO's call, written out
+    torch.testing.assert_close(dino.interpolate_pos_encoding(3, 3)[:, 1:],
+                               reference.permute(0, 2, 3, 1).reshape(1, 9, 48))
+    assert not torch.allclose(dino.interpolate_pos_encoding(3, 3), exact.interpolate_pos_encoding(3, 3), atol=1e-3)

@@ -81,10 +81,11 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, images, step, rank)
     monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
-    trainer = train.main(TINY + ["--knn_every", "0", "--output_dir", str(tmp_path)])
-    assert trainer.step == 8  # the signal is acted on at the next logging step (log_every 4)
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 8
-    assert signal.getsignal(signal.SIGTERM) is not None
+    handler = signal.getsignal(signal.SIGTERM)
+    trainer = train.main(TINY + ["--knn_every", "0", "--log_every", "1000", "--output_dir", str(tmp_path)])
+    assert trainer.step == 6 and trainer.preempted  # acted on after the step it arrived in, whatever log_every
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 6
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is removed again
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):

@@ -1,0 +1,227 @@
+"""What a long run meets: diverging updates, corrupt or incompatible checkpoints, signals, a second run on the same
+directory, a full disk, and flag values that must fail in one line before any compute (README, "Failure behaviour")."""
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+import eval_knn
+import train
+from conftest import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = TINY + ["--knn_every", "0"]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def flip_a_tensor_byte(path):
+    """Flip one bit inside the largest tensor record of a torch.save zip (a silent-corruption stand-in)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(open(path, "rb").read())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+
+
+def one_line_error(flags, match):
+    with pytest.raises(SystemExit) as info:
+        train.main(flags)
+    text = str(info.value)
+    assert text.startswith("error: ") and "\n" not in text and match in text, text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- non-finite state
+def test_a_diverged_last_update_is_never_saved_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "16"])  # epoch 1 and its checkpoint
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    original = train.Trainer.train_step
+
+    def diverge_at_the_epochs_last_step(self, images, step, rank=0):
+        stats = original(self, images, step, rank)  # this step's loss was computed before the update: finite
+        if step == 31:
+            with torch.no_grad():
+                for p in self.student.parameters():
+                    p.fill_(float("nan"))
+        return stats
+    monkeypatch.setattr(train.Trainer, "train_step", diverge_at_the_epochs_last_step)
+    one_line_error(QUIET + ["--output_dir", out], "non-finite weights or memories after step 32")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == saved
+    assert not (tmp_path / "checkpoint.pth.tmp").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lr", "inf"], "--lr inf: must be finite"),
+    (["--teacher_temp", "nan"], "--teacher_temp nan: must be finite"),
+    (["--blur_sigma", "0.1", "inf"], "--blur_sigma 0.1 inf: must be finite"),
+    (["--patch_size", "0"], "--patch_size 0: must be > 0"),
+    (["--global_crops_size", "0"], "--global_crops_size 0: must be > 0"),
+    (["--global_crops_size", "-16"], "--global_crops_size -16: must be > 0"),
+    (["--pred_ratio_var", "0", "-0.1"], "--pred_ratio_var 0.0 -0.1: every value must be >= 0"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--arch", "vit_tiny", "--depth", "-2"], "--depth -2: must be >= 0"),
+    (["--arch", "vit_tiny", "--num_heads", "-3"], "--num_heads -3: must be >= 0"),
+    (["--epochs", "1000000000000"], "--epochs 1000000000000: valid: 1 to 100000"),
+    (["--synthetic_size", "1000000000000"], "--synthetic_size 1000000000000: valid: 1 to 2000000 images"),
+    (["--synthetic_size", "1e12"], "invalid int value: '1e12'"),
+    (["--resume_changes", "maybe"], "--resume_changes 'maybe': valid: refuse, ok"),
+    (["--interpolate_offset", "-0.1"], "--interpolate_offset -0.1"),
+])
+def test_flags_that_used_to_end_in_tracebacks(flags, match):
+    one_line_error(TINY + flags, match)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_rotation_keeps_the_previous_checkpoint_and_a_corrupt_one_falls_back_to_it(tmp_path, capsys):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "20"])  # saves at step 16, then at step 20
+    assert torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)["step"] == 16
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 20
+    flip_a_tensor_byte(tmp_path / "checkpoint.pth")  # loads fine with torch.load: only the CRC tells
+    with pytest.raises(ValueError, match="CRC"):
+        eval_knn.read_checkpoint(str(tmp_path / "checkpoint.pth"))
+    trainer = train.main(QUIET + ["--output_dir", out, "--max_steps", "4"])
+    assert trainer.step == 20  # resumed from step 16, not from the corrupt step-20 file
+    assert "resuming from the previous checkpoint" in capsys.readouterr().out
+    assert any(r.get("resumed_from_previous_checkpoint") for r in read_log(out))
+
+
+def test_a_corrupt_checkpoint_without_a_good_previous_one_is_refused(tmp_path):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "16"])
+    flip_a_tensor_byte(tmp_path / "checkpoint.pth")
+    one_line_error(QUIET + ["--output_dir", out], "CRC")
+    eval_error = subprocess.run([sys.executable, "eval_knn.py", "--checkpoint", str(tmp_path / "checkpoint.pth")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert eval_error.returncode != 0 and "CRC" in eval_error.stderr and len(eval_error.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: c.pop("step"), "'step' must be an integer >= 0, got None"),
+    (lambda c: c.update(step=-3), "'step' must be an integer >= 0, got -3"),
+    (lambda c: c.pop("optimizer"), "lacks optimizer"),
+    (lambda c: c["student"].pop("backbone.pos_embed"), "does not fit this run's networks"),
+    (lambda c: c["teacher"].update({"backbone.cls_token": torch.zeros(1, 1, 7)}), "does not fit this run's"),
+    (lambda c: c.update(config=[1, 2]), "not a train.py checkpoint"),
+])
+def test_damaged_checkpoints_are_refused_in_one_line(tiny_run, tmp_path, damage, match):
+    ckpt = torch.load(os.path.join(tiny_run[0], "checkpoint.pth"), weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    one_line_error(TINY + ["--output_dir", str(tmp_path)], match)
+
+
+def test_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "5"])
+    text = one_line_error(QUIET + ["--output_dir", out, "--lr", "2e-3", "--seed", "3"], "--resume_changes ok")
+    assert "lr 0.001 -> 0.002" in text and "seed 0 -> 3" in text
+    # reporting and placement flags may change freely
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "1", "--log_every", "2"])
+    trainer = train.main(QUIET + ["--output_dir", out, "--lr", "2e-3", "--resume_changes", "ok", "--max_steps", "1"])
+    assert trainer.step == 7
+    assert read_log(out)[-2]["resume_changes"] == {"lr": [1e-3, 2e-3]}
+
+
+def test_a_full_disk_leaves_no_temp_file_and_says_so(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "16"])
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    text = one_line_error(QUIET + ["--output_dir", out, "--max_steps", "4"], "disk full while saving")
+    assert "is intact" in text
+    assert (tmp_path / "checkpoint.pth").read_bytes() == saved
+    assert not (tmp_path / "checkpoint.pth.tmp").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_compute(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    one_line_error(TINY + ["--output_dir", str(blocker / "run")], "cannot be created or written to")
+
+
+# ---------------------------------------------------------------------------------------------- runs and signals
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_path):
+    with open(tmp_path / ".lock", "w") as holder:  # another process's lock, as a concurrent run would hold it
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        one_line_error(QUIET + ["--output_dir", str(tmp_path)], "is in use by another run (pid 4242)")
+    assert train.main(QUIET + ["--output_dir", str(tmp_path), "--max_steps", "1"]).step == 1  # free again
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+    original = train.Trainer.train_step
+
+    def two_ctrl_c(self, images, step, rank=0):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, images, step, rank)
+    monkeypatch.setattr(train.Trainer, "train_step", two_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(QUIET + ["--output_dir", str(tmp_path)])
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_sigterm_on_the_command_line_saves_and_exits_with_the_preempted_status(tmp_path):
+    flags = QUIET + ["--epochs", "50", "--log_every", "1000", "--output_dir", str(tmp_path)]
+    process = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "log.jsonl").exists() and time.time() < deadline:  # the log starts when training does
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    step = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"]
+    assert 0 < step < 50 * 16 and read_log(tmp_path)[-1]["stopped_by_signal"] and "SIGTERM" in stderr
+
+
+# ---------------------------------------------------------------------------------------------- evaluation inputs
+@pytest.mark.parametrize("flags,match", [
+    (["--batch_size", "0"], "--batch_size 0: must be > 0"),
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
+    (["--image_size", "-8"], "--image_size -8: must be > 0"),
+])
+def test_eval_knn_flag_errors(tiny_run, flags, match):
+    with pytest.raises(SystemExit, match=match):
+        eval_knn.main(["--checkpoint", os.path.join(tiny_run[0], "checkpoint.pth"), *flags])
+
+
+def test_eval_knn_refuses_a_checkpoint_whose_config_is_not_a_dict(tiny_run, tmp_path):
+    ckpt = torch.load(os.path.join(tiny_run[0], "checkpoint.pth"), weights_only=True)
+    ckpt["config"] = "vit_small"
+    torch.save(ckpt, tmp_path / "odd.pth")
+    with pytest.raises(SystemExit, match="its 'config' is not a train.py config"):
+        eval_knn.main(["--checkpoint", str(tmp_path / "odd.pth")])
+
+
+def test_knn_with_fewer_training_images_than_k_votes_with_all_of_them():
+    train_features = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    labels = torch.tensor([0, 1, 1, 1, 0])
+    result = eval_knn.knn_classify(train_features, labels, train_features, labels, 2, ks=(20,))
+    everyone = eval_knn.knn_classify(train_features, labels, train_features, labels, 2, ks=(5,))
+    assert result[20] == everyone[5]
+    with pytest.raises(ValueError, match="temperature > 0"):
+        eval_knn.knn_classify(train_features, labels, train_features, labels, 2, temperature=0.0)
