@@ -194,9 +194,10 @@ def sops_picture(memory: MemoryBank, train_set, dataset_name: str, num_sops: int
 
 @torch.no_grad()
 def neighbors_picture(backbone, train_set, test_set, dataset_name: str, queries: torch.Tensor, k: int,
-                      image_size: int, device: torch.device, tile: int, caption: str) -> Image.Image:
+                      image_size: int, device: torch.device, num_workers: int, tile: int,
+                      caption: str) -> Image.Image:
     """One row per query test image: the query, then its k nearest training images (teacher [CLS] cosine)."""
-    train_features = extract_features(backbone, train_set, 256, device, image_size)  # (n_train, D), unit norm
+    train_features = extract_features(backbone, train_set, 256, device, image_size, num_workers)  # (n_train, D)
     query_images = torch.stack([test_set[int(i)][0] for i in queries])  # (n, 3, H, W)
     query_features = F.normalize(backbone.eval()(data.normalize_images(query_images.to(device), image_size))[:, 0]
                                  .float(), dim=1)  # (n, D), as extract_features computes them
@@ -233,6 +234,7 @@ def parse_args(argv):
     parser.add_argument("--tile", type=int, default=None, help="px per tile (default: the image size, scaled up "
                                                                "by a whole factor to at least 128)")
     parser.add_argument("--seed", type=int, default=0, help="picks the images and the SOPs")
+    parser.add_argument("--num_workers", type=int, default=8, help="neighbors on folder datasets: decoding processes")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return parser.parse_args(argv)
 
@@ -337,7 +339,7 @@ def main(argv=None) -> str:
                    f"{args.seed}), each followed by its {k} nearest of {len(train_set)} training images by teacher "
                    f"[CLS] cosine at {image_size} px; frame green = same label, red = different.")
         picture = neighbors_picture(backbone, train_set, test_set, dataset_name, queries, k, image_size, device,
-                                    tile, caption)
+                                    args.num_workers, tile, caption)
     picture.save(args.out, optimize=True)
     print(f"wrote {args.out} ({picture.width} x {picture.height} px)")
     return args.out

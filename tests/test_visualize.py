@@ -133,3 +133,21 @@ def test_command_line_error_has_no_traceback(tmp_path):
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: --checkpoint") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_training_on_an_image_folder_stores_the_batches_dataset_indices(tmp_path):
+    import train
+    from conftest import TINY
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"class{c}").mkdir(parents=True)
+            for i in range(12):
+                Image.new("RGB", (20, 18), (20 * i, 120 * c, 90)).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    trainer = train.main(TINY + ["--dataset", "folder", "--data_path", str(tmp_path), "--num_workers", "0",
+                                 "--batch_size_per_gpu", "8", "--knn_every", "0", "--max_steps", "2",
+                                 "--output_dir", str(tmp_path / "out")])
+    batches = data.epoch_batches(24, 8, 0, 0)[:2]  # the run's first two batches (epoch 0, seed 0)
+    expected = torch.full((256,), -1)
+    expected[:16] = batches.flatten()
+    assert torch.equal(trainer.class_memory.index, expected)
+    assert torch.equal(trainer.patch_memory.index[:16], batches.flatten())
