@@ -184,9 +184,9 @@ def sops_picture(memory: MemoryBank, train_set, dataset_name: str, num_sops: int
             if 0 <= i < len(train_set):
                 image, label = train_set[i]
                 name = class_name(dataset_name, train_set, label)
-                row.append((to_pil(image, tile), f"w {weights[j][r]:.2f}\n{name}", None))
+                row.append((to_pil(image, tile), f"w {weights[j][r]:.3f}\n{name}", None))
             else:
-                row.append((None, f"w {weights[j][r]:.2f}\nunknown", None))
+                row.append((None, f"w {weights[j][r]:.3f}\nunknown", None))
         cells.append(row)
     header = ["anchor"] + [f"SE {r}" for r in range(1, rows.shape[1])]
     return draw_grid(cells, tile, caption, header=header, text_lines=2)
@@ -208,7 +208,7 @@ def neighbors_picture(backbone, train_set, test_set, dataset_name: str, queries:
         row = [(to_pil(query_images[q], tile), f"query\n{class_name(dataset_name, test_set, label)}", None)]
         for s, t in zip(sims[q].tolist(), nearest[q].tolist()):
             image, train_label = train_set[t]
-            row.append((to_pil(image, tile), f"cos {s:.2f}\n{class_name(dataset_name, train_set, train_label)}",
+            row.append((to_pil(image, tile), f"cos {s:.3f}\n{class_name(dataset_name, train_set, train_label)}",
                         (0, 170, 0) if train_label == label else (220, 0, 0)))
         cells.append(row)
     return draw_grid(cells, tile, caption, header=["test image"] + [f"NN {r}" for r in range(1, k + 1)],
@@ -271,6 +271,10 @@ def main(argv=None) -> str:
             raise SystemExit(f"error: --checkpoint {args.checkpoint}: its class memory has no index buffer (written "
                              f"before visualize.py existed), so its rows cannot be traced to images; train (or resume "
                              f"for an epoch) with the current train.py")
+        rows = memory_state["memory"].shape[0]
+        k = args.k if args.k is not None else config["class_neighbors"]
+        if k >= rows:
+            raise SystemExit(f"error: --k {k}: must leave room for an anchor in the {rows}-row class memory")
     backbone, image_size, _ = load_backbone(args.checkpoint, args.arch, args.patch_size)  # one-line SystemExits
     image_size = args.image_size or image_size
     if image_size % backbone.patch_size:
@@ -319,10 +323,7 @@ def main(argv=None) -> str:
         memory = MemoryBank(*ckpt["class_memory"]["memory"].shape)
         memory.load_state_dict(ckpt["class_memory"])
         train_set = load("train")
-        k = args.k if args.k is not None else config["class_neighbors"]
-        anchors = min(config["class_anchors"], len(memory.memory) - k)
-        if anchors < 1:
-            raise SystemExit(f"error: --k {k}: must leave room for an anchor in the {len(memory.memory)}-row memory")
+        anchors = min(config["class_anchors"], rows - k)  # the training draw's M, fewer if --k asks for more SEs
         unknown = int((memory.index < 0).sum())
         caption = (f"Self-organizing prototypes, {source}. One draw of {anchors} SOPs from the class memory "
                    f"({len(memory.memory)} rows, {unknown} of unknown source) as in training (seed {args.seed}); "
