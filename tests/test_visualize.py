@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -151,3 +152,24 @@ def test_training_on_an_image_folder_stores_the_batches_dataset_indices(tmp_path
     expected[:16] = batches.flatten()
     assert torch.equal(trainer.class_memory.index, expected)
     assert torch.equal(trainer.patch_memory.index[:16], batches.flatten())
+
+
+def test_sops_draws_rows_of_unknown_source_as_blank_tiles(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run[0] / "checkpoint.pth", weights_only=True)
+    ckpt["class_memory"]["index"][::2] = -1  # every other row as if still random
+    torch.save(ckpt, tmp_path / "half.pth")
+    out = tmp_path / "half.png"
+    run("sops", tmp_path / "half.pth", out, "--num_sops", "3", "--tile", "32")
+    # The same draw as visualize.py's (seed 0, the training M and k), to know which tiles must be blank.
+    bank = visualize.MemoryBank(256, 32)
+    bank.load_state_dict(ckpt["class_memory"])
+    sops = bank.draw(32, 2, 0.1, torch.Generator().manual_seed(0))
+    unknown = bank.index[sops.rows[2]] < 0  # (k + 1,) the last row's tiles
+    assert unknown.any() and not unknown.all()
+    with Image.open(out) as image:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())  # (H, W, 3)
+    y = pixels.shape[0] - visualize.PAD - (32 + visualize.PAD + 2 * visualize.LINE)  # top of the last row
+    for c, blank in enumerate(unknown.tolist()):
+        x = visualize.PAD + c * (32 + visualize.PAD)
+        block = pixels[y + 12:y + 20, x + 12:x + 20]  # the tile's centre
+        assert bool((block == 225).all()) == blank, c
