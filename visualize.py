@@ -1,4 +1,4 @@
-"""Show what a backbone learnt, as PNG grids drawn with Pillow (spec §7; no matplotlib needed).
+"""Show what a backbone learnt, as PNG grids drawn with Pillow (no matplotlib needed).
 
     python visualize.py attention --checkpoint runs/cpu_demo/checkpoint.pth --out attention.png
     python visualize.py attention --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \\
@@ -10,7 +10,7 @@ attention: the [CLS]-to-patch attention of every head of the last block (DINO's 
 sops: self-organizing prototypes drawn from the checkpoint's class memory as in training (spec §2.4): one row per
     SOP, its anchor first, then its k support embeddings, each shown as the training image it came from with its
     vote weight. Needs a train.py checkpoint (the memory and its index buffer live there).
-neighbors: test images, each followed by its k nearest training images by teacher [CLS] cosine (the k-NN
+neighbors: test images, each followed by its k nearest training images by teacher [CLS] cosine (spec §7.1, the k-NN
     evaluation's neighbours), framed green when the label agrees and red when it does not.
 The same --seed picks the same images and SOPs, so a picture is reproducible.
 """
