@@ -16,11 +16,13 @@ SEARCH_CHUNK = 2 ** 27  # similarity entries per top-k chunk: 256 MiB in bf16, 5
 
 
 class MemoryBank(nn.Module):
-    """FIFO queue of Q embeddings (fp32 buffer (Q, d) and a pointer buffer, so both are checkpointed).
+    """FIFO queue of Q embeddings (fp32 buffer (Q, d), an index buffer and a pointer buffer, all checkpointed).
 
     `enqueue` writes the global batch (all ranks' rows, in rank order) over the oldest rows. When the global batch
     does not divide Q the write wraps around the end of the buffer, so any batch size works and every slot is
     overwritten once every Q / (global batch) steps on average; train.py only requires global batch <= Q.
+    `index` (Q,) holds the dataset index of the image each row came from (-1: a random initial row or an unknown
+    source); nothing in training reads it, visualize.py uses it to show a prototype's members as images.
     """
 
     def __init__(self, size: int, dim: int):
@@ -28,23 +30,35 @@ class MemoryBank(nn.Module):
         # Random points on the unit sphere until real embeddings arrive (spec §2.2); the default generator makes
         # the start identical on every rank, since every rank seeds it the same way.
         self.register_buffer("memory", F.normalize(torch.randn(size, dim), dim=1))  # (Q, d)
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))  # (Q,) dataset index of each row
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, x: torch.Tensor) -> None:
-        """x (b, d) rank-local embeddings; all ranks must call this with the same b."""
+    def enqueue(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """x (b, d) rank-local embeddings, index (b,) their images' dataset indices (None: stored as -1); all ranks
+        must call this with the same b."""
         x = x.detach().float()
+        index = x.new_full((x.shape[0],), -1, dtype=torch.long) if index is None else index.to(x.device, torch.long)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, x)  # rank order, so every rank writes the same rows
             x = torch.cat(gathered)  # (b W, d)
+            gathered = [torch.empty_like(index) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, index)  # the same rank order as the embeddings
+            index = torch.cat(gathered)  # (b W,)
         Q, n = self.memory.shape[0], x.shape[0]
         if n > Q:
             raise ValueError(f"global batch {n} is larger than the memory ({Q} rows)")
         # Index arithmetic on the device pointer: no host sync, and wrap-around comes for free.
         rows = (self.ptr + torch.arange(n, device=x.device)) % Q  # (n,)
         self.memory.index_copy_(0, rows, x)
+        self.index.index_copy_(0, rows, index)
         self.ptr.copy_((self.ptr + n) % Q)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the index buffer existed still resume: their rows' sources are unknown (-1).
+        state_dict.setdefault(prefix + "index", torch.full_like(self.index, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def draw(self, num_anchors: int, num_neighbors: int, smoothing: float,
@@ -64,17 +78,18 @@ class MemoryBank(nn.Module):
         anchors = self.memory[perm[:num_anchors]]  # (M, d), a copy: later enqueues cannot touch it
         anchor_weight = anchors.new_full((num_anchors, 1), 1.0 - smoothing)  # (M, 1)
         if num_neighbors == 0:
-            return SOPs(anchors, anchor_weight)
+            return SOPs(anchors, anchor_weight, perm[:num_anchors].unsqueeze(1))
         pool = perm[num_anchors:]  # (Q - M,) memory rows the neighbours come from
-        neighbor_rows = _nearest(anchors, self.memory[pool], num_neighbors)  # (M, k) indices into pool
-        neighbors = self.memory[pool[neighbor_rows]]  # (M, k, d)
+        neighbor_rows = pool[_nearest(anchors, self.memory[pool], num_neighbors)]  # (M, k) memory rows
+        neighbors = self.memory[neighbor_rows]  # (M, k, d)
         # Vote weight of a neighbour = its cosine to the anchor, recomputed in fp32 whatever the search precision.
         # A negative cosine would be a negative vote (and could make P negative); top-k neighbours of real memories
         # are far from that, but a tiny random memory can get there, so clamp at 0.
         neighbor_weight = torch.einsum("md,mkd->mk", anchors, neighbors).clamp(0, 1)  # (M, k)
         support = torch.cat((anchors.unsqueeze(1), neighbors), dim=1)  # (M, 1 + k, d), anchor first
         weights = torch.cat((anchor_weight, neighbor_weight), dim=1)  # (M, 1 + k)
-        return SOPs(support.flatten(0, 1), weights)
+        rows = torch.cat((perm[:num_anchors].unsqueeze(1), neighbor_rows), dim=1)  # (M, 1 + k)
+        return SOPs(support.flatten(0, 1), weights, rows)
 
 
 def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -95,9 +110,12 @@ class SOPs:
 
     support (S, d): the SEs, SOP j owning rows j (k + 1) ... j (k + 1) + k, its anchor first.
     weights (M, k + 1): w_r, the vote each SE gives its own SOP (anchor 1 - smoothing, neighbours their cosine).
+    rows (M, k + 1): the memory row each SE was read from, laid out like weights (memory.index[rows] gives the
+    dataset images; only visualize.py reads it).
     """
     support: torch.Tensor
     weights: torch.Tensor
+    rows: torch.Tensor | None = None
 
     @property
     def num_sops(self) -> int:

@@ -47,6 +47,16 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() with the attention weights softmax(q k^T / sqrt(D/H)) (B, H, N, N) computed explicitly, since
+        scaled_dot_product_attention returns none. Evaluation only (visualize.py): it builds the N x N matrices."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+        x = weights @ v  # (B, H, N, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D)), weights  # (B, N, D), (B, H, N, N)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
@@ -73,6 +83,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation forward (no stochastic depth) that also returns the attention weights (B, H, N, N)."""
+        y, weights = self.attn.forward_with_weights(self.norm1(x))
+        x = x + y
+        return x + self.mlp(self.norm2(x)), weights
 
 
 class PatchEmbed(nn.Module):
@@ -152,6 +168,16 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def last_self_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> final-normed tokens (B, N, D) and the last block's attention weights (B, H, N, N),
+        row 0 being [CLS]'s attention over all tokens (DINO's attention maps). Only the last block computes its
+        weights explicitly; the others take the fast path."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        x, weights = self.blocks[-1].forward_with_attention(x)
+        return self.norm(x), weights
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Final-normed token sequences (B, N, D) of the last n blocks, oldest first (for evaluation)."""

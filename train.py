@@ -333,8 +333,10 @@ class Trainer:
         self.student_forward = torch.compile(student) if cfg.compile else student
         self.teacher_forward = torch.compile(self.teacher) if cfg.compile else self.teacher
 
-    def train_step(self, images: torch.Tensor, step: int, rank: int = 0) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, step: int, rank: int = 0,
+                   indices: torch.Tensor | None = None) -> torch.Tensor:
         """One step on a rank-local batch of uint8 images (B, 3, H, W) on the device, in the paper's order.
+        indices (B,): the images' dataset indices, stored beside their memory rows (for visualize.py; None: -1).
 
         Returns, on the device, (loss, loss_cls, loss_patch, teacher entropy, teacher [CLS] std): no host sync.
         """
@@ -389,9 +391,9 @@ class Trainer:
         # ---- memories: enqueued only now, after the losses read them (spec §1.4, §8.4; Decision 3)
         with torch.no_grad():
             second_view = slice(B, 2 * B)
-            self.class_memory.enqueue(teacher_cls[second_view])
+            self.class_memory.enqueue(teacher_cls[second_view], indices)
             pick = torch.randint(teacher_patch.shape[1], (B,), device=self.device)  # one random patch per image
-            self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=self.device), pick])
+            self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=self.device), pick], indices)
             cls_std = F.normalize(teacher_cls.float(), dim=1).std(0).mean()  # collapse monitor: -> 0 if collapsed
             return torch.stack((loss, loss_cls, loss_patch, entropy, cls_std)).detach()
 
@@ -693,17 +695,18 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
         batches = data.epoch_batches(len(train_set), cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
         batches = batches[first_batch:first_batch + stop_step - step]
         if in_memory:
-            batch_iter = (train_images[idx] for idx in batches.to(device))
+            batch_iter = ((train_images[idx], idx) for idx in batches.to(device))
         else:
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches.tolist(),
                                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            batch_iter = (images.to(device, non_blocking=True) for images, _ in loader)
+            batch_iter = ((images.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+                          for (images, _), idx in zip(loader, batches))
         sums = torch.zeros(len(STATS), device=device)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process,
                    dynamic_ncols=True)
         start_time, epoch_steps = time.time(), 0
-        for images in batch_iter:
-            stats = trainer.train_step(images, step, rank)
+        for images, indices in batch_iter:
+            stats = trainer.train_step(images, step, rank, indices)
             sums += stats
             first_bad_step = torch.where(torch.isfinite(stats[0]), first_bad_step,
                                          first_bad_step.clamp(max=step))  # no host sync

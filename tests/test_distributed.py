@@ -22,10 +22,10 @@ def worker(rank, world_size, port, out_dir):
     bank = MemoryBank(12, 4)
     for step in range(4):  # 4 enqueues of 2 x 2 rows = 16 rows: wraps around the 12-row memory once
         local = torch.full((2, 4), float(100 * step + 10 * rank)) + torch.arange(2.0).unsqueeze(1)
-        bank.enqueue(local)
+        bank.enqueue(local, local[:, 0].long() + 1000)  # the dataset index travels with its row: value + 1000
     sops = bank.draw(3, 2, 0.1, torch.Generator().manual_seed(1234))
-    torch.save({"memory": bank.memory, "ptr": bank.ptr, "support": sops.support, "weights": sops.weights},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"memory": bank.memory, "index": bank.index, "ptr": bank.ptr, "support": sops.support,
+                "weights": sops.weights, "rows": sops.rows}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -39,4 +39,5 @@ def test_two_ranks_identical_memories_and_sops(tmp_path):
     order = torch.cat(rows)  # 16 rows written FIFO into 12 slots: the last 4 overwrite slots 0-3
     expected = torch.cat((order[12:16], order[4:12]))
     assert torch.equal(r0["memory"][:, 0], expected)
+    assert torch.equal(r0["index"], expected.long() + 1000)  # gathered in the same rank order as the embeddings
     assert r0["ptr"].item() == 4

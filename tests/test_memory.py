@@ -51,13 +51,37 @@ def test_enqueue_keeps_fp32_and_refuses_oversized_batches():
         bank.enqueue(torch.randn(9, 2))
 
 
+def test_index_buffer_exact_contents_and_wrap_around():
+    bank = MemoryBank(10, 3)
+    assert torch.equal(bank.index, torch.full((10,), -1))  # random initial rows have no source
+    expected = torch.full((10,), -1)
+    # Same schedule as the embeddings: rows 0-3, 4-7, 8-9 then 0-1 (wrap), 2-5; batch 2 has no indices (-1).
+    for i, rows in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1], [2, 3, 4, 5]]):
+        index = None if i == 2 else torch.arange(4) + 100 * (i + 1)
+        bank.enqueue(torch.full((4, 3), float(i + 1)), index)
+        expected[rows] = -1 if index is None else index
+        assert torch.equal(bank.index, expected), f"after enqueue {i}"
+        assert bank.index.dtype == torch.long
+        assert (bank.memory[bank.index >= 0, 0] == (bank.index[bank.index >= 0] // 100).float()).all()
+
+
 def test_state_dict_round_trip():
     bank = filled_bank()
-    bank.enqueue(torch.randn(5, 16))
+    bank.enqueue(torch.randn(5, 16), torch.arange(5) + 7)
     other = MemoryBank(64, 16)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.memory, bank.memory) and other.ptr.item() == bank.ptr.item() == 5
-    assert set(bank.state_dict()) == {"memory", "ptr"}
+    assert torch.equal(other.index, bank.index) and other.index[:5].tolist() == [7, 8, 9, 10, 11]
+    assert set(bank.state_dict()) == {"memory", "index", "ptr"}
+
+
+def test_state_dict_without_index_loads_with_unknown_sources():
+    bank = filled_bank()
+    old = {k: v for k, v in bank.state_dict().items() if k != "index"}  # a checkpoint from before the buffer
+    other = MemoryBank(64, 16)
+    other.index.fill_(3)
+    other.load_state_dict(old)
+    assert torch.equal(other.memory, bank.memory) and torch.equal(other.index, torch.full((64,), -1))
 
 
 def test_initial_memory_is_unit_norm():
@@ -68,7 +92,8 @@ def test_initial_memory_is_unit_norm():
 def test_same_seed_same_sops(k):
     bank = filled_bank()
     a, b = bank.draw(8, k, 0.1, generator(7)), bank.draw(8, k, 0.1, generator(7))
-    assert torch.equal(a.support, b.support) and torch.equal(a.weights, b.weights)
+    assert torch.equal(a.support, b.support) and torch.equal(a.weights, b.weights) and torch.equal(a.rows, b.rows)
+    assert a.rows.shape == (8, k + 1) and torch.equal(bank.memory[a.rows].flatten(0, 1), a.support)
     c = bank.draw(8, k, 0.1, generator(8))
     assert not torch.equal(a.support, c.support)
 
@@ -84,6 +109,8 @@ def test_sop_structure_anchor_and_neighbours():
     memory = bank.memory
     anchor_rows = [int((memory == a).all(1).nonzero()) for a in anchors]
     assert len(set(anchor_rows)) == M  # distinct anchors
+    assert sops.rows.shape == (M, k + 1) and sops.rows[:, 0].tolist() == anchor_rows
+    assert torch.equal(memory[sops.rows].flatten(0, 1), sops.support)  # every SE is the memory row it names
     for j in range(M):
         # Brute force: the k most similar memory rows that are not anchors, most similar first.
         sims = memory @ anchors[j]
