@@ -11,6 +11,8 @@ the best held-out top-1 is selected, and its top-1 on the test split is the repo
 over the grid is printed as well: that is how DINO/iBOT report it (they select on the validation set).
 
 `--augment` is the official protocol (random-resized crop + flip, features recomputed every epoch); it is slow.
+For image folders the crops are then cut from the central square of each training image (as in train.py), and the
+held-out images are embedded from that square too, without augmentation.
 
     python eval_linear.py --checkpoint runs/cpu_demo/checkpoint.pth
     python eval_linear.py --pixels --dataset synthetic --synthetic_size 10000      # the raw-pixel baseline
@@ -118,7 +120,8 @@ class LinearGrid:
         grad_logits = self.logits(x).softmax(-1)  # (G, b, C)
         grad_logits[:, torch.arange(b, device=x.device), labels] -= 1
         grad_logits /= b
-        grad_weight = (x.T @ grad_logits.transpose(0, 1).reshape(b, G * C)).view(F_, G, C).transpose(0, 1)  # (G, F, C)
+        grad_weight = x.T @ grad_logits.transpose(0, 1).reshape(b, G * C)  # (F, G C): one matmul for the grid
+        grad_weight = grad_weight.view(F_, G, C).transpose(0, 1)  # (G, F, C)
         grad_bias = grad_logits.sum(1)  # (G, C)
         wd = self.weight_decay
         self.weight_buffer.mul_(self.momentum).add_(grad_weight + wd[:, None, None] * self.weight)

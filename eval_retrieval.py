@@ -88,10 +88,10 @@ class _GroundTruthUnpickler(pickle.Unpickler):
     is refused, so a tampered ground-truth file cannot run code when read (plain pickle.load would call it)."""
 
     ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-               ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding)}  # Python 2 bytes
-    for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 / numpy 2 names
-        ALLOWED[_module, "_reconstruct"] = _numpy_multiarray._reconstruct
-        ALLOWED[_module, "scalar"] = _numpy_multiarray.scalar
+               ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding),  # Python 2 bytes
+               **{(module, name): getattr(_numpy_multiarray, name)  # numpy 1 / numpy 2 module names
+                  for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct",
+                                                                                                "scalar")}}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

@@ -105,7 +105,7 @@ def write_oxford_like(root, gnd_pickle_bytes=None):
     Image.new("RGB", (20, 20), colour(60)).save(root / "jpg" / "q1.jpg", format="PNG")
     gnd = [dict(easy=[1], hard=[3], junk=[0], bbx=[0, 0, 32, 40]),  # numpy-free lists, as well as arrays below
            dict(easy=np.array([4]), hard=np.array([], dtype=np.int64), junk=np.array([], dtype=np.int64),
-                bbx=np.array([0.0, 0.0, 20.0, 20.0]))]
+                bbx=[np.float64(v) for v in (0, 0, 20, 20)])]  # numpy scalars
     payload = gnd_pickle_bytes or pickle.dumps(dict(imlist=[f"d{i}" for i in range(5)], qimlist=["q0", "q1"],
                                                     gnd=gnd))
     (root / "gnd_roxford5k.pkl").write_bytes(payload)
