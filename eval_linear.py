@@ -30,7 +30,7 @@ import data
 import eval_knn
 from model import ARCHS
 
-LRS = (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # base learning rates, scaled by batch_size / 256 (DINO)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # base lrs, scaled by batch_size / 256 (DINO)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
 
 
