@@ -174,6 +174,59 @@ def test_blur_always_on_global_1_rarely_on_global_2_half_on_locals():
     assert 0.33 < blurred(local_crops) < 0.6
 
 
+def padded_canvases(sizes: list[tuple[int, int]], side: int, fill: int = 255, seed: int = 0):
+    """uint8 (B, 3, side, side) canvases, image b a constant colour (channels in [30, 200]) over the top-left
+    sizes[b] = (h, w), the rest `fill` (a value no image has); and the colours float (B, 3) in [0, 1]."""
+    colours = torch.randint(30, 201, (len(sizes), 3), generator=gen(seed), dtype=torch.uint8)
+    canvases = torch.full((len(sizes), 3, side, side), fill, dtype=torch.uint8)
+    for b, (h, w) in enumerate(sizes):
+        canvases[b, :, :h, :w] = colours[b].view(3, 1, 1)
+    return canvases, torch.tensor(sizes), colours.float() / 255
+
+
+def test_canvas_crops_never_contain_padding():
+    sizes = [(64, 64), (20, 64), (64, 13), (7, 9), (33, 50), (64, 40)]
+    canvases, valid, colours = padded_canvases(sizes, 64)
+    B = len(sizes)
+    for scale in ((0.05, 0.25), (0.25, 1.0), (1.0, 1.0)):
+        boxes = sample_crop_boxes(40 * B, valid[:, 0].repeat(40), valid[:, 1].repeat(40), scale, gen())
+        flip = torch.rand(40 * B, generator=gen(1)) < 0.5
+        expected = colours.repeat(40, 1).view(40 * B, 3, 1, 1).expand(40 * B, 3, 24, 24)
+        for mode in ("bicubic", "bilinear"):
+            crops = resized_crops(data.replicate_edges(canvases, valid).float() / 255, boxes, flip, 24, mode)
+            torch.testing.assert_close(crops, expected, atol=1e-5, rtol=0)  # only the image's own colour
+            leaky = resized_crops(canvases.float() / 255, boxes, flip, 24, mode)  # the test sees a leak
+            assert (leaky - expected).abs().amax() > 0.01
+    # the whole augmentation: photometric ops keep a constant crop constant, a leak of padding would not be
+    global_crops, local_crops = MultiCropAugmentation(32, 16, 4)(canvases, gen(), valid)
+    for crops in (global_crops, local_crops):
+        spread = crops.flatten(2).amax(2) - crops.flatten(2).amin(2)  # (N, 3)
+        assert spread.amax() < 1e-4
+
+
+def test_canvas_crops_equal_crops_of_the_image_alone():
+    images = torch.randint(0, 256, (3, 3, 30, 44), dtype=torch.uint8, generator=gen())
+    canvases = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8, generator=gen(1))  # noise as padding
+    canvases[:, :, :30, :44] = images
+    augment = MultiCropAugmentation(32, 16, 3)
+    alone = augment(images, gen(2))
+    padded = augment(canvases, gen(2), torch.tensor([[30, 44]] * 3))
+    for a, b in zip(alone, padded):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=0)
+
+
+def test_boxes_reach_every_pixel_of_each_valid_region():
+    sizes = torch.tensor([[30, 60], [60, 20], [45, 45]])
+    for scale in ((0.05, 0.25), (0.25, 1.0)):
+        boxes = sample_crop_boxes(3 * 2000, sizes[:, 0].repeat(2000), sizes[:, 1].repeat(2000), scale, gen())
+        coverage = torch.zeros(3, 64, 64)
+        for k, (top, left, h, w) in enumerate(boxes.long().tolist()):
+            coverage[k % 3, top:top + h, left:left + w] += 1
+        for b, (h, w) in enumerate(sizes.tolist()):
+            assert coverage[b, :h, :w].min() > 0  # the image's sides and corners are reachable
+            assert coverage[b, h:].sum() == 0 and coverage[b, :, w:].sum() == 0  # never the padding
+
+
 # ----------------------------------------------------------------------------------------------------- block masks
 @pytest.mark.parametrize("grid", [8, 14])
 def test_mask_ratio_ibot_recipe_and_fixed(grid):
@@ -311,6 +364,13 @@ def test_fashion_mnist_corrupt_gzip_and_labels(tmp_path, no_system_fashion):
         load_dataset("fashion_mnist", str(tmp_path), "test")
 
 
+def test_fashion_mnist_missing_test_file_stops_loading_the_train_split(tmp_path, no_system_fashion):
+    write_fashion(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match="could not download .*t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion_mnist", str(tmp_path), "train")  # before training, not at the first k-NN
+
+
 @pytest.mark.skipif(not Path(data.FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").exists(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_real_files(tmp_path):
@@ -408,6 +468,31 @@ def test_cifar10_parse_and_cache(tmp_path, monkeypatch):
     assert test.labels.tolist() == batches["test_batch"][b"labels"]
     archive.unlink()  # the cache alone now serves both splits
     assert torch.equal(load_dataset("cifar10", str(tmp_path), "train").images, train.images)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train_labels", lambda t: t.clone().fill_(10), r"'train_labels' must be 20 int64 labels in \[0, 10\), got .* in \[10, 10\]"),
+    ("test_labels", lambda t: t.float(), r"'test_labels' must be 4 int64 labels"),
+    ("train_images", lambda t: t.float(), r"'train_images' must be a uint8 \(n, 3, 32, 32\) tensor, got torch.float32"),
+    ("test_images", lambda t: t[:, :, :16], r"'test_images' must be a uint8 \(n, 3, 32, 32\) tensor"),
+    ("test_labels", lambda t: t[:3], r"'test_labels' must be 4 int64 labels"),
+    ("train_images", None, r"'train_images' must be"),
+])
+def test_cifar_cache_contents_are_checked(tmp_path, monkeypatch, key, value, message):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar(archive)
+    use_md5_of(monkeypatch, "cifar10", archive)
+    load_dataset("cifar10", str(tmp_path), "train")  # builds the cache
+    cache = tmp_path / "cifar10.pt"
+    tensors = torch.load(cache)
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value(tensors[key])
+    torch.save(tensors, cache)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("cifar10", str(tmp_path), "test")
+    assert f"cache {cache}" in str(error.value) and "delete it to rebuild" in str(error.value)
 
 
 def test_cifar100_fine_labels(tmp_path, monkeypatch):
@@ -520,9 +605,11 @@ def test_image_folder_train_and_test(tmp_path):
     write_tree(tmp_path)
     train = load_dataset("folder", str(tmp_path), "train", image_size=16)
     assert len(train) == 4 and train.num_classes == 2 and train.labels.tolist() == [0, 0, 1, 1]
-    image, label = train[3]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 1
-    assert torch.equal(image, torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16))
+    canvas, size, label = train[3]  # a 40 x 30 image, whole, at the top left of the canvas
+    L = data.FOLDER_LONG_SIDE
+    assert canvas.shape == (3, L, L) and canvas.dtype == torch.uint8 and label == 1 and size.tolist() == [30, 40]
+    assert torch.equal(canvas[:, :30, :40], torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1).expand(3, 30, 40))
+    assert canvas[:, 30:].eq(0).all() and canvas[:, :, 40:].eq(0).all()
     test = load_dataset("folder", str(tmp_path), "test", image_size=16)
     assert test.resize == 18 and test[0][0].shape == (3, 16, 16) and train.resize == 16
     assert load_dataset("folder", str(tmp_path), "train", image_size=16, evaluation=True).resize == 18  # k-NN features
@@ -538,16 +625,16 @@ def test_image_folder_eval_protocol_crops_the_border(tmp_path):
         image.save(tmp_path / split / "a" / "0.png")
     test_image = load_dataset("folder", str(tmp_path), "test", image_size=56)[0][0]  # 64 -> 64, centre crop 56
     assert torch.equal(test_image, torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 56, 56))
-    train_image = load_dataset("folder", str(tmp_path), "train", image_size=56)[0][0]  # 64 -> 56: border kept
-    assert train_image[0, 0, 0] > 200 and train_image[0, 28, 28] == 0
+    train_image, size, _ = load_dataset("folder", str(tmp_path), "train", image_size=56)[0]  # whole: border kept
+    assert size.tolist() == [64, 64] and train_image[0, 0, 0] == 255 and train_image[2, 32, 32] == 255
 
 
 def test_image_folder_errors(tmp_path):
     write_tree(tmp_path)
     bad = tmp_path / "val" / "cat" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    test = load_dataset("folder", str(tmp_path), "test", image_size=16)
-    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+    test = load_dataset("folder", str(tmp_path), "test", image_size=16, strict=True)
+    with pytest.raises(DatasetError, match=f"^cannot read image {bad}: "):
         test[[path for path, _ in test.samples].index(str(bad))]
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(DatasetError, match="same class folders.*bird"):
@@ -602,3 +689,115 @@ def test_normalize_images():
     assert resized.shape == (2, 3, 16, 16)
     torch.testing.assert_close(resized, out[:, :, :16, :16])
     assert normalize_images(images, 48).shape == (2, 3, 48, 48)
+
+
+def write_jpeg_tree(root: Path, sizes=((500, 375), (375, 500), (120, 90)), classes=("a", "b")) -> None:
+    """A train/val tree of noisy JPEGs (quality 90) of the given (width, height) sizes in every class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                pixels = rng.integers(40, 216, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+                Image.fromarray(pixels).resize((w, h), Image.BICUBIC).save(root / split / name / f"{i}.jpg",
+                                                                           quality=90)
+
+
+def test_draft_decoding_matches_the_slow_path(tmp_path):
+    from PIL import Image
+
+    write_jpeg_tree(tmp_path, sizes=((500, 375), (375, 500), (641, 479), (120, 90)), classes=("a",))
+    for path in sorted((tmp_path / "train" / "a").iterdir()):
+        for long_side in (96, 224, 320, 448):
+            fast = data.decode_image(str(path), long_side)
+            with Image.open(path) as image:  # full decode, one bicubic resize of the whole image
+                w, h = image.size
+                scale = min(1.0, long_side / max(w, h))
+                slow = np.asarray(image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.BICUBIC))
+            assert abs(fast.shape[0] - slow.shape[0]) <= 1 and abs(fast.shape[1] - slow.shape[1]) <= 1
+            assert max(fast.shape[:2]) == min(long_side, max(w, h))  # never upsampled
+            assert np.abs(fast.astype(float) - slow.astype(float)).mean() < 6  # same picture (8-bit levels)
+
+
+def test_unreadable_images_are_skipped_listed_once_or_stop_strict(tmp_path):
+    write_jpeg_tree(tmp_path)
+    bad = tmp_path / "train" / "a" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated JPEG
+    listing = tmp_path / "bad_images.txt"
+    train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))
+    index = [path for path, _ in train.samples].index(str(bad))
+    canvas, size, label = train[index]  # replaced by the next readable image of its class
+    next_canvas, next_size, next_label = train[index + 1]
+    assert torch.equal(canvas, next_canvas) and torch.equal(size, next_size) and label == next_label == 0
+    train[index]
+    again = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))  # e.g. after a resume
+    again[index]
+    assert data.read_bad_images(str(listing)) == [str(bad)]  # listed once
+    last = index + 1  # the last image of class a is bad too: its replacement wraps to the class's first one
+    (tmp_path / "train" / "a" / "2.jpg").write_bytes(b"not an image")
+    assert torch.equal(train[last][0], train[index - 1][0]) and train[last][2] == 0
+    assert data.read_bad_images(str(listing)) == [str(bad), str(tmp_path / "train" / "a" / "2.jpg")]
+    strict = load_dataset("folder", str(tmp_path), "train", strict=True, bad_images_file=str(listing))
+    with pytest.raises(DatasetError, match=f"^cannot read image {bad}: "):
+        strict[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_strict_error_from_a_worker_is_one_line(tmp_path, workers):
+    write_jpeg_tree(tmp_path, sizes=((60, 40), (40, 60)))
+    bad = tmp_path / "train" / "b" / "0.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    strict = load_dataset("folder", str(tmp_path), "train", strict=True)
+    with pytest.raises(DatasetError) as error:
+        list(data.load_batches(strict, [[0, 1], [2, 3]], num_workers=workers))
+    assert str(error.value).startswith(f"cannot read image {bad}: ") and "\n" not in str(error.value)
+
+
+def test_folder_batches_canvases_and_gpu_decode_fallback(tmp_path, monkeypatch, capsys):
+    write_jpeg_tree(tmp_path)
+    train = load_dataset("folder", str(tmp_path), "train")
+    images, sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    L = data.FOLDER_LONG_SIDE
+    assert images.shape == (4, 3, L, L) and sizes.tolist() == [[336, 448], [448, 336], [90, 120], [90, 120]]
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # as on the CPU machines: not importable
+    again = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu"), gpu_decode=True))
+    assert torch.equal(again[0], images) and torch.equal(again[1], sizes)
+    assert "note: gpu_decode:" in capsys.readouterr().out
+    assert data._gpu_decode_unavailable(torch.device("cuda")).startswith("torchvision cannot be imported")
+
+
+def test_gpu_decode_path_with_a_stand_in_decoder(tmp_path, monkeypatch):
+    """The batched decode path (canvas, sizes, per-file fallback) on the CPU, with decode_jpeg played by Pillow."""
+    import sys
+    import types
+    from PIL import Image
+
+    def decode_jpeg(raw, mode=None, device=None):
+        if isinstance(raw, list):
+            return [decode_jpeg(r, mode, device) for r in raw]
+        with Image.open(io.BytesIO(raw.numpy().tobytes())) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
+    fake_io = types.SimpleNamespace(decode_jpeg=decode_jpeg, ImageReadMode=types.SimpleNamespace(RGB="RGB"))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=fake_io))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake_io)
+    monkeypatch.setattr(data, "_gpu_decode_unavailable", lambda device: None)
+    write_jpeg_tree(tmp_path)
+    (tmp_path / "train" / "b" / "1.jpg").write_bytes(b"broken")  # index 4: replaced by index 5 on the CPU path
+    train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(tmp_path / "bad.txt"))
+    gpu_images, gpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 4]], torch.device("cpu"), gpu_decode=True))
+    cpu_images, cpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    assert torch.equal(gpu_sizes, cpu_sizes)
+    assert torch.equal(gpu_images[3], cpu_images[3])  # the broken file went through the CPU path
+    assert (gpu_images.float() - cpu_images.float()).abs().mean() < 3  # another resampler, the same pictures
+    assert data.read_bad_images(str(tmp_path / "bad.txt")) == [str(tmp_path / "train" / "b" / "1.jpg")]
+
+
+def test_check_dataset_finds_a_class_folder_without_images(tmp_path):
+    write_tree(tmp_path)
+    for f in (tmp_path / "val" / "dog").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=f"class folder {tmp_path / 'val' / 'dog'} holds no image"):
+        check_dataset("folder", str(tmp_path))
