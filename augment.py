@@ -79,13 +79,18 @@ def replicate_edges(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
-                  interpolation: str = "bicubic") -> torch.Tensor:
+                  interpolation: str = "bicubic", antialias: bool = False,
+                  sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Cut each box out of its image, mirror it where flip, resample it to size x size, in one grid_sample call.
 
     images float (B, 3, H, W); boxes float (V*B, 4) = (top, left, h, w) in pixels, view-major (row v*B + b crops
     image b); flip bool (V*B,). Returns float (V*B, 3, size, size). The box edges map onto the output edges, as
     when torchvision resizes the cut pixels; unlike it, bicubic taps at the box border read up to 2 pixels
-    beyond the box, and nothing is antialiased (multicrop mostly upsamples).
+    beyond the box. Without antialias nothing is low-pass filtered (right when crops are upsampled, as from
+    32 px images); with it, a crop shrunk by s = box side / size is blended from the image and its 2 x 2-averaged
+    half-size copy with weight clamp(log2 s, 0, 1) on the latter (mip-mapping over one octave: crops shrunk up to
+    ~2.3x, as from a 512 px canvas to 224 px, without aliasing; a second grid_sample call). sizes (B, 2): valid
+    regions of edge-replicated canvases (replicate_edges), whose half-size copies are edge-replicated in turn.
     """
     B, C, H, W = images.shape
     V = boxes.shape[0] // B
@@ -100,7 +105,15 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
     grid = grid.view(V, B, size, size, 2).transpose(0, 1).reshape(B, V * size, size, 2)
     crops = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
     crops = crops.view(B, C, V, size, size).permute(2, 0, 1, 3, 4).reshape(V * B, C, size, size)
-    return crops.clamp_(0, 1) if interpolation == "bicubic" else crops  # bicubic overshoots at edges
+    crops = crops.clamp_(0, 1) if interpolation == "bicubic" else crops  # bicubic overshoots at edges
+    if not antialias:
+        return crops
+    shrink = (torch.maximum(h, w) / size).log2_().clamp_(0, 1).view(V * B, 1, 1, 1)  # 0: not shrunk, 1: >= 2x
+    half = F.avg_pool2d(images, 2, ceil_mode=True)  # (B, C, ceil(H / 2), ceil(W / 2))
+    if sizes is not None:  # as if the image alone had been halved: its own last row and column beyond it
+        half = replicate_edges(half, (sizes + 1) // 2)
+    half = resized_crops(half, boxes / 2, flip, size, interpolation)
+    return torch.lerp(crops, half, shrink)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +176,8 @@ class MultiCropAugmentation:
         local crops (L*B, 3, l, l), view-major: rows [v*B:(v+1)*B] are view v of every image.
 
         sizes: int64 (B, 2) valid (height, width) of each image when images are padded canvases (ImageFolder's
-        training items, image at the top left); every crop is then drawn inside its image's valid region."""
+        training items, image at the top left); every crop is then drawn inside its image's valid region, and
+        resampled with antialiasing (resized_crops), since crops of these full-size images are often shrunk."""
         if sizes is not None:
             images = replicate_edges(images, sizes)
         x = images.float().div_(255)
@@ -192,7 +206,7 @@ class MultiCropAugmentation:
             return torch.where(jitter, _uniform(n, low, high, generator), identity).view(n, 1, 1, 1)
 
         crops = resized_crops(x, sample_crop_boxes(n, H, W, scale, generator), _uniform(n, 0, 1, generator) < 0.5,
-                              size, self.interpolation)
+                              size, self.interpolation, antialias=sizes is not None, sizes=sizes)
         jitter = _uniform(n, 0, 1, generator) < 0.8
         brightness, contrast = jitter_factor(0.6, 1.4, 1.0), jitter_factor(0.6, 1.4, 1.0)
         saturation, hue = jitter_factor(0.8, 1.2, 1.0), jitter_factor(-0.1, 0.1, 0.0)

@@ -8,8 +8,9 @@ Images: 1/f-noise colour pictures (the power spectrum of natural images) of Imag
 JPEG quality 90. Decode rates are images per CPU-second of one thread (process time, so other load on the machine
 barely changes them); "before" is the former training transform (full decode, shorter side to 224, centre 224
 square), "after" is data.decode_image at each long-side bound plus the canvas (draft mode where it applies).
-Fidelity: PSNR of our crops (decode at the bound, then augment.resized_crops) against DINO's (the same box cut from the
-full-resolution image and resized by Pillow, antialiased), for 96 px local crops of 5 % of the image and 224 px
+Fidelity: PSNR of our crops (decode at the bound, then augment.resized_crops with the canvas path's antialiasing;
+the former square without, as it ran) against DINO's (the same box cut from the full-resolution image and resized by
+Pillow, antialiased), for 96 px local crops of 5 % of the image and 224 px
 global crops of 25 % and 100 %; the boxes lie in the central square, so the former transform is measured too.
 """
 import argparse
@@ -112,7 +113,7 @@ def crop_fidelity(paths: list[str], boxes_per_image: int = 4, seed: int = 0) -> 
                 top = square_top + rng.uniform(0, side - box_side)
                 left = square_left + rng.uniform(0, side - box_side)
                 reference = full.resize((out, out), Image.BICUBIC, box=(left, top, left + box_side, top + box_side))
-                reference = torch.from_numpy(np.asarray(reference)).permute(2, 0, 1).float() / 255
+                reference = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float() / 255
                 for name, bound in sources.items():
                     if bound is None:  # the 224 square covers [square_top, +side) at scale 224 / side
                         pixels, scale, origin = former_transform(path), 224 / side, (square_top, square_left)
@@ -122,7 +123,7 @@ def crop_fidelity(paths: list[str], boxes_per_image: int = 4, seed: int = 0) -> 
                     image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255
                     crop_box = torch.tensor([[(top - origin[0]) * scale, (left - origin[1]) * scale,
                                               box_side * scale, box_side * scale]])
-                    ours = resized_crops(image, crop_box, torch.tensor([False]), out)[0]
+                    ours = resized_crops(image, crop_box, torch.tensor([False]), out, antialias=bound is not None)[0]
                     scores[kind][name].append(psnr(ours, reference))
     return {kind: {name: round(float(np.mean(v)), 2) for name, v in by_source.items()}
             for kind, by_source in scores.items()}

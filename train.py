@@ -41,8 +41,7 @@ class Config:
     synthetic_size: int = 20000  # training images of the synthetic dataset (test split: 2000)
     num_workers: int = 10  # folder dataset: JPEG-decoding DataLoader processes per GPU
     gpu_decode: bool = False  # folder training: decode JPEGs on the GPU (nvJPEG, needs torchvision); else Pillow
-    strict_data: bool = False  # folder: stop at the first unreadable image (default: skip it, list it in
-    # output_dir/bad_images.txt and the log)
+    strict_data: bool = False  # folder: stop at the first unreadable image; false: skip it, list it in bad_images.txt
     # multi-crop augmentation (spec §6, Decision 8)
     global_crops_size: int = 224  # px
     global_crops_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the source image

@@ -82,6 +82,23 @@ def test_resized_crops_upsample_a_step():
     assert torch.all(left == 0)  # a box 4 px clear of the step sees only black, even with bicubic taps
 
 
+def test_resized_crops_antialias_mip_blend():
+    images = torch.rand(2, 3, 32, 32, generator=gen())
+    whole = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)
+    no_flip = torch.tensor([False, False])
+    halved = resized_crops(images, whole, no_flip, 16, antialias=True)  # shrunk 2x: the 2 x 2 averages
+    torch.testing.assert_close(halved, torch.nn.functional.avg_pool2d(images, 2), atol=1e-5, rtol=0)
+    assert (resized_crops(images, whole, no_flip, 16) - halved).abs().amax() > 0.05  # aliased without it
+    box = torch.tensor([[3.0, 5.0, 16.0, 16.0]] * 2)  # not shrunk: antialias changes nothing
+    assert torch.equal(resized_crops(images, box, no_flip, 20, antialias=True), resized_crops(images, box, no_flip, 20))
+    shrunk = torch.tensor([[0.0, 0.0, 24.0, 24.0]] * 2)  # 1.5x: log2(1.5) of the way to the half-size sample
+    t = math.log2(1.5)
+    expected = ((1 - t) * resized_crops(images, shrunk, no_flip, 16)
+                + t * resized_crops(torch.nn.functional.avg_pool2d(images, 2), shrunk / 2, no_flip, 16))
+    torch.testing.assert_close(resized_crops(images, shrunk, no_flip, 16, antialias=True), expected, atol=1e-5,
+                               rtol=0)
+
+
 def test_sample_crop_boxes_follow_random_resized_crop():
     boxes = sample_crop_boxes(2000, 40, 50, (0.05, 0.25), gen())
     top, left, h, w = boxes.unbind(1)
@@ -192,7 +209,7 @@ def test_canvas_crops_equal_crops_of_the_image_alone():
     canvases = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8, generator=gen(1))  # noise as padding
     canvases[:, :, :30, :44] = images
     augment = MultiCropAugmentation(32, 16, 3)
-    alone = augment(images, gen(2))
+    alone = augment(images, gen(2), torch.tensor([[30, 44]] * 3))  # the canvas path on unpadded images
     padded = augment(canvases, gen(2), torch.tensor([[30, 44]] * 3))
     for a, b in zip(alone, padded):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=0)

@@ -76,10 +76,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
     original = train.Trainer.train_step
 
-    def step_then_signal(self, images, step, rank=0):
+    def step_then_signal(self, images, step, rank=0, sizes=None):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, images, step, rank)
+        return original(self, images, step, rank, sizes)
     monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
     trainer = train.main(TINY + ["--knn_every", "0", "--output_dir", str(tmp_path)])
     assert trainer.step == 8  # the signal is acted on at the next logging step (log_every 4)
