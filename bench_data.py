@@ -1,5 +1,6 @@
 """Folder input pipeline: JPEG decode throughput, crop fidelity of the decode bound, and (on a GPU machine) GPU decode
-and end-to-end training images/s, on JPEGs the benchmark fabricates itself.
+and end-to-end training images/s, on JPEGs the benchmark fabricates itself (also 1024 x 768 ones, where draft mode
+matters at the chosen bound).
 
     python bench_data.py                          # CPU: per-core decode rates and crop fidelity per bound
     python bench_data.py --gpu                    # also: all-core loader rate, nvJPEG rate, folder path vs step
@@ -87,6 +88,21 @@ def decode_rates(paths: list[str]) -> dict:
     for bound in (224, *BOUNDS):
         rates[f"bound_{bound}"] = per_core_rate(canvas_item(bound), paths)
     return rates
+
+
+def large_image_rates(paths: list[str]) -> dict:
+    """Per-core rates on larger JPEGs: the former transform, the chosen bound without and with draft mode."""
+    from PIL import Image
+
+    def without_draft(path):  # full decode, then the same bicubic resize to the bound
+        with Image.open(path) as image:
+            w, h = image.size
+            scale = min(1.0, data.FOLDER_LONG_SIDE / max(w, h))
+            return np.asarray(image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.BICUBIC))
+    torch.set_num_threads(1)
+    return {"former_224_square": per_core_rate(former_transform, paths),
+            f"bound_{data.FOLDER_LONG_SIDE}_without_draft": per_core_rate(without_draft, paths),
+            f"bound_{data.FOLDER_LONG_SIDE}_draft": per_core_rate(canvas_item(data.FOLDER_LONG_SIDE), paths)}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,6 +210,9 @@ def main(argv=None):
         paths = make_jpegs(root, max(args.num_images, args.batch if args.gpu else 0))
         results["decode_images_per_cpu_second"] = {k: round(v, 1) for k, v in decode_rates(paths).items()}
         print(json.dumps(results["decode_images_per_cpu_second"]), flush=True)
+        large = make_jpegs(root / "large", max(2, args.num_images // 4), size=(1024, 768), seed=1)
+        results["decode_images_per_cpu_second_1024x768"] = {k: round(v, 1) for k, v in large_image_rates(large).items()}
+        print(json.dumps(results["decode_images_per_cpu_second_1024x768"]), flush=True)
         results["crop_psnr_db"] = crop_fidelity(paths[:args.fidelity_images])
         print(json.dumps(results["crop_psnr_db"]), flush=True)
         if args.gpu:

@@ -227,7 +227,9 @@ def folder_batches(dataset: ImageFolder, batches: list[list[int]], device: torch
     (torchvision.io.decode_jpeg) and resizes them there. Without torchvision or CUDA it says so and decodes on
     the CPU; a file the GPU cannot decode (PNG, CMYK, corrupt) goes through the CPU path alone."""
     if gpu_decode and (reason := _gpu_decode_unavailable(device)):
-        print(f"note: gpu_decode: {reason}; decoding on the CPU", flush=True)
+        if reason not in _NOTES_PRINTED:  # once per run, not every epoch
+            print(f"note: gpu_decode: {reason}; decoding on the CPU", flush=True)
+            _NOTES_PRINTED.add(reason)
         gpu_decode = False
     if not gpu_decode:
         for images, sizes, _ in load_batches(dataset, batches, num_workers, pin_memory=device.type == "cuda"):
@@ -235,6 +237,9 @@ def folder_batches(dataset: ImageFolder, batches: list[list[int]], device: torch
         return
     for items in load_batches(_FileBytes(dataset), batches, num_workers, collate_fn=list):
         yield _decode_on_gpu(dataset, items, device)
+
+
+_NOTES_PRINTED: set[str] = set()
 
 
 def _gpu_decode_unavailable(device: torch.device) -> str | None:

@@ -509,6 +509,7 @@ def test_folder_batches_canvases_and_gpu_decode_fallback(tmp_path, monkeypatch, 
     L = data.FOLDER_LONG_SIDE
     assert images.shape == (4, 3, L, L) and sizes.tolist() == [[336, 448], [448, 336], [90, 120], [90, 120]]
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # as on the CPU machines: not importable
+    monkeypatch.setattr(data, "_NOTES_PRINTED", set())
     again = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu"), gpu_decode=True))
     assert torch.equal(again[0], images) and torch.equal(again[1], sizes)
     assert "note: gpu_decode:" in capsys.readouterr().out
@@ -577,3 +578,12 @@ def test_folder_training_runs_skips_a_bad_image_and_strict_stops(tmp_path, monke
     with pytest.raises(SystemExit) as error:
         train.main(folder_training_flags(tmp_path / "tree", tmp_path / "strict") + ["--strict_data", "true"])
     assert str(error.value).startswith(f"error: cannot read image {bad}: ") and "\n" not in str(error.value)
+
+
+def test_bench_data_runs_on_a_few_images(capsys):
+    import bench_data
+
+    results = bench_data.main(["--num_images", "2", "--fidelity_images", "1"])
+    assert set(results["decode_images_per_cpu_second"]) >= {"former_224_square", f"bound_{data.FOLDER_LONG_SIDE}"}
+    assert all(rate > 0 for rate in results["decode_images_per_cpu_second"].values())
+    assert all(math.isfinite(db) for kind in results["crop_psnr_db"].values() for db in kind.values())
