@@ -1,18 +1,19 @@
-"""Data for sop: datasets, batched multicrop augmentation and block masks (spec §2.6, §6).
+"""Data for sop: datasets (spec §6) and the batches the training loop and the k-NN evaluation read.
 
 Small datasets live in memory as one uint8 (N, 3, H, W) tensor (synthetic, CIFAR-10/100, Fashion-MNIST); image
-folders are decoded per item. DINO/iBOT augment one PIL image at a time in DataLoader workers; here the multicrop
-augmentation and the masks are computed for a whole batch on the training device (as airbench does), drawn from
-one torch.Generator, so a seed fixes a batch exactly and the step needs no host sync.
-
-Shapes: B images, V views of one crop group (2 global or L local), G / l global / local crop size, g patch-grid side.
+folders are decoded per item by DataLoader workers (or by nvJPEG on the GPU), the whole image kept in a padded
+canvas for training. The multicrop augmentation and the masks run on the training device (augment.py).
 """
+import fcntl
 import gzip
 import hashlib
 import http.client
+import itertools
 import math
 import os
 import pickle
+import signal
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+
 DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "folder")
 
 
@@ -67,48 +68,251 @@ def _class_folders(root: Path) -> list[str]:
     return classes
 
 
+FOLDER_LONG_SIDE = 512  # px: training images are decoded with their longer side at most this (README, "Image folders")
+
+
+def decode_image(path: str, long_side: int | None = None) -> np.ndarray:
+    """RGB uint8 (h, w, 3) of an image file, with its longer side scaled down to long_side (aspect kept, never
+    upsampled; None: full size). JPEGs use Pillow's draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the DCT
+    domain to the smallest size still >= the target, which a bicubic resize then finishes."""
+    from PIL import Image  # lazily: only folder datasets need Pillow
+
+    with Image.open(path) as image:
+        w, h = image.size
+        scale = 1.0 if long_side is None else min(1.0, long_side / max(w, h))
+        target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        drafted = image.draft("RGB", target) if target != (w, h) else None  # None for non-JPEG files
+        image = image.convert("RGB")
+        if image.size != target:
+            image = image.resize(target, Image.BICUBIC, box=drafted[1] if drafted else None)
+        return np.array(image)  # a writable copy (np.asarray would be a read-only view)
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether folder or a sub-folder holds an image file; stops at the first (cheap on ImageNet-sized trees)."""
+    with os.scandir(folder) as entries:
+        subfolders = []
+        for entry in entries:
+            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                return True
+            if entry.is_dir():
+                subfolders.append(entry.path)
+    return any(_holds_an_image(Path(sub)) for sub in subfolders)
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    """Images in root/<class>/*.{jpg,png,...}, labelled by sorted class name, decoded to uint8 (3, S, S) squares.
+    """Images in root/<class>/*.{jpg,png,...}, labelled by sorted class name.
 
     evaluation=True is the DINO evaluation protocol (test split, and train split for k-NN features): shorter side
-    resized to int(S * 256/224) (bicubic), centre crop S. Otherwise (training) the shorter side is resized to S and
-    the central S x S square kept. Deviation: DINO's RandomResizedCrop samples from the whole image; here the
-    batched multicrop samples from this central square, so that all images of a batch share one size and the
-    augmentation runs on the GPU.
+    resized to int(S * 256/224) (bicubic), centre crop S; an item is (uint8 (3, S, S), label). Otherwise (training)
+    the whole image is kept: decoded with its longer side scaled to at most long_side (draft mode, see decode_image),
+    placed at the top left of a zero long_side x long_side canvas; an item is (uint8 (3, L, L) canvas, int64 (2,)
+    valid (height, width), label), and the batched multicrop draws each image's crops inside its valid region.
+
+    An unreadable image is skipped: the item is the next readable image of its class (then of the dataset), and its
+    path is appended once to bad_images_file (or printed when there is none), from any DataLoader worker; with
+    strict=True the first one raises DatasetError("cannot read image PATH: reason") instead.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 224, evaluation: bool = True):
+    def __init__(self, root: str | Path, image_size: int = 224, evaluation: bool = True,
+                 long_side: int | None = None, strict: bool = False, bad_images_file: str | None = None):
         root = Path(root)
         self.classes = _class_folders(root)
         self.samples: list[tuple[str, int]] = []
+        self.class_ranges: list[tuple[int, int]] = []  # samples of class c: [start, end)
         for label, name in enumerate(self.classes):
             files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
                 raise DatasetError(f"class folder {root / name} holds no image with extension {IMAGE_EXTENSIONS}")
+            self.class_ranges.append((len(self.samples), len(self.samples) + len(files)))
             self.samples += [(path, label) for path in files]
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
-        self.num_classes, self.crop_size = len(self.classes), image_size
+        self.num_classes, self.crop_size, self.evaluation = len(self.classes), image_size, evaluation
         self.resize = int(image_size * 256 / 224) if evaluation else image_size
+        self.long_side = long_side or FOLDER_LONG_SIDE
+        self.strict, self.bad_images_file = strict, bad_images_file
+        # paths already listed are skipped without another decode attempt (e.g. after a resume)
+        self.known_bad = set() if strict else set(read_bad_images(bad_images_file))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Image i decoded to uint8 (3, S, S), S = image_size, and its label."""
-        from PIL import Image  # lazily: only folder datasets need Pillow
+    def __getitem__(self, i: int):
+        """Item i, or the next readable one of its class (then of the dataset) when image i cannot be read."""
+        start, end = self.class_ranges[int(self.labels[i])]
+        for j in itertools.chain(range(i, end), range(start, i), range(end, len(self)), range(start)):
+            path, label = self.samples[j]
+            if path in self.known_bad:
+                continue
+            try:
+                return (*self.transform(path), label)
+            except Exception as error:  # Pillow reports corrupt files through many exception types
+                reason = f"cannot read image {path}: {(str(error).splitlines() or [type(error).__name__])[0]}"
+                if self.strict:
+                    raise DatasetError(reason) from None
+                self.report_bad(path, reason)
+        raise DatasetError(f"no readable image among the {len(self)} of {Path(self.samples[0][0]).parent.parent}")
 
-        path, label = self.samples[i]
+    def transform(self, path: str) -> tuple[torch.Tensor, ...]:
+        """(uint8 (3, S, S),) under evaluation, else (uint8 (3, L, L) canvas, int64 (2,) valid height and width)."""
+        if self.evaluation:
+            return (self.evaluation_crop(path),)
+        pixels = decode_image(path, self.long_side)  # (h, w, 3)
+        h, w = pixels.shape[:2]
+        canvas = torch.zeros(3, self.long_side, self.long_side, dtype=torch.uint8)
+        canvas[:, :h, :w] = torch.from_numpy(pixels).permute(2, 0, 1)
+        return canvas, torch.tensor([h, w])
+
+    def evaluation_crop(self, path: str) -> torch.Tensor:
+        """torchvision Resize(int(S * 256/224)) (shorter side, bicubic) + CenterCrop(S): uint8 (3, S, S)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size  # torchvision Resize(int): shorter side -> resize, longer side scaled and truncated
+            size = (self.resize, int(self.resize * h / w)) if w <= h else (int(self.resize * w / h), self.resize)
+            image = image.resize(size, Image.BICUBIC)
+            top, left = round((size[1] - self.crop_size) / 2), round((size[0] - self.crop_size) / 2)
+            pixels = np.asarray(image.crop((left, top, left + self.crop_size, top + self.crop_size)))  # (S, S, 3)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+    def report_bad(self, path: str, reason: str) -> None:
+        """List path once in bad_images_file (an flock makes the check-and-append atomic across workers)."""
+        self.known_bad.add(path)
+        if self.bad_images_file is None:
+            print(f"warning: skipped an unreadable image ({reason})", file=sys.stderr, flush=True)
+            return
+        with open(self.bad_images_file, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            f.seek(0)
+            if path not in f.read().splitlines():
+                f.write(path + "\n")
+
+
+def read_bad_images(path: str | None) -> list[str]:
+    """The paths listed in a bad_images_file, in order ([] when there is none)."""
+    if path is None or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in f.read().splitlines() if line]
+
+
+def _worker_message(error: DatasetError) -> str:
+    """The one-line message of a DatasetError, also when a DataLoader re-raised it from a worker with the worker's
+    traceback folded into the message (its last line is 'data.DatasetError: <message>')."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    return last.split("DatasetError: ", 1)[1] if "DatasetError: " in last else last
+
+
+def load_batches(dataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False, collate_fn=None):
+    """Batches of a folder dataset through a DataLoader; a worker's DatasetError comes back as a one-line
+    DatasetError (not the DataLoader's wrapped traceback)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                         pin_memory=pin_memory, collate_fn=collate_fn, worker_init_fn=_ignore_sigint)
+    batches = iter(loader)
+    while True:
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                w, h = image.size  # torchvision Resize(int): shorter side -> resize, longer side scaled and truncated
-                size = (self.resize, int(self.resize * h / w)) if w <= h else (int(self.resize * w / h), self.resize)
-                image = image.resize(size, Image.BICUBIC)
-                top, left = round((size[1] - self.crop_size) / 2), round((size[0] - self.crop_size) / 2)
-                pixels = np.asarray(image.crop((left, top, left + self.crop_size, top + self.crop_size)))  # (S, S, 3)
-        except Exception as error:  # Pillow reports corrupt files through many exception types
-            raise DatasetError(f"cannot read image {path}: {error}") from None
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), label
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DatasetError as error:
+            raise DatasetError(_worker_message(error)) from None
+        yield batch
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """A Ctrl-C in a terminal reaches every process of the foreground group: workers ignore it, so that the main
+    process can finish its step and save (train.py: a first Ctrl-C stops like SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def folder_batches(dataset: ImageFolder, batches: list[list[int]], device: torch.device, num_workers: int = 0,
+                   gpu_decode: bool = False):
+    """(uint8 canvases (B, 3, L, L), int64 valid sizes (B, 2)) on device for each list of indices of a training
+    ImageFolder. CPU decoding: DataLoader workers decode, resize and pad (ImageFolder.transform). gpu_decode:
+    workers only read the files; the main process decodes each batch of JPEGs on the GPU in one nvJPEG call
+    (torchvision.io.decode_jpeg) and resizes them there. Without torchvision or CUDA it says so and decodes on
+    the CPU; a file the GPU cannot decode (PNG, CMYK, corrupt) goes through the CPU path alone."""
+    if gpu_decode and (reason := _gpu_decode_unavailable(device)):
+        if reason not in _NOTES_PRINTED:  # once per run, not every epoch
+            print(f"note: gpu_decode: {reason}; decoding on the CPU", flush=True)
+            _NOTES_PRINTED.add(reason)
+        gpu_decode = False
+    if not gpu_decode:
+        for images, sizes, _ in load_batches(dataset, batches, num_workers, pin_memory=device.type == "cuda"):
+            yield images.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
+        return
+    for items in load_batches(_FileBytes(dataset), batches, num_workers, collate_fn=list):
+        yield _decode_on_gpu(dataset, items, device)
+
+
+_NOTES_PRINTED: set[str] = set()
+
+
+def _gpu_decode_unavailable(device: torch.device) -> str | None:
+    """Why JPEGs cannot be decoded on device (None: they can)."""
+    if device.type != "cuda":
+        return f"the training device is {device.type}"
+    try:
+        import torchvision.io  # noqa: F401  (optional: CPU machines and CI do not have it)
+    except ImportError as error:
+        return f"torchvision cannot be imported ({error})"
+    return None
+
+
+class _FileBytes(torch.utils.data.Dataset):
+    """Item i of an ImageFolder as (i, its file's bytes as uint8 (n,), or None when the file cannot be read)."""
+
+    def __init__(self, folder: ImageFolder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        try:
+            with open(self.folder.samples[i][0], "rb") as f:
+                return i, torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except OSError:
+            return i, None
+
+
+def _decode_on_gpu(folder: ImageFolder, items: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canvases and valid sizes of a batch of (index, file bytes), as ImageFolder.transform makes them, decoded
+    by nvJPEG on device and resized there (bicubic, antialiased); failures go through folder[i] on the CPU."""
+    import torchvision.io as tvio
+
+    L = folder.long_side
+    canvas = torch.zeros(len(items), 3, L, L, dtype=torch.uint8, device=device)
+    sizes = torch.zeros(len(items), 2, dtype=torch.int64)
+    if all(raw is not None for _, raw in items):
+        try:
+            images = tvio.decode_jpeg([raw for _, raw in items], mode=tvio.ImageReadMode.RGB, device=device)
+        except Exception:  # one undecodable file fails the whole call: retry one by one
+            images = None
+    else:
+        images = None
+    if images is None:
+        images = []
+        for _, raw in items:
+            try:
+                images.append(tvio.decode_jpeg(raw, mode=tvio.ImageReadMode.RGB, device=device))
+            except Exception:
+                images.append(None)
+    for b, ((i, _), image) in enumerate(zip(items, images)):
+        if image is None:  # the CPU path, with its replacement and listing of unreadable images
+            image_canvas, size, _ = folder[i]
+            canvas[b], sizes[b] = image_canvas.to(device), size
+            continue
+        h, w = image.shape[1:]
+        scale = min(1.0, L / max(h, w))
+        th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (th, tw) != (h, w):
+            image = F.interpolate(image[None].float(), size=(th, tw), mode="bicubic", antialias=True,
+                                  align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+        canvas[b, :, :th, :tw] = image
+        sizes[b, 0], sizes[b, 1] = th, tw
+    return canvas, sizes.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------- synthetic
@@ -311,6 +515,26 @@ def _read_cifar_batch(tar: tarfile.TarFile, member: str, archive: Path, label_ke
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def _check_cifar_cache(tensors, cache: Path, num_classes: int, archive: Path) -> None:
+    """DatasetError unless the cache holds, per split, uint8 (n, 3, 32, 32) images and n int64 labels in
+    [0, num_classes), as _read_cifar_batch checks the archive's batches."""
+    for split in ("train", "test"):
+        images = tensors.get(f"{split}_images") if isinstance(tensors, dict) else None
+        labels = tensors.get(f"{split}_labels") if isinstance(tensors, dict) else None
+        problem = None
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != (3, 32, 32):
+            problem = (f"'{split}_images' must be a uint8 (n, 3, 32, 32) tensor, got "
+                       f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+        elif (not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (len(images),)
+              or (len(labels) and not 0 <= labels.min() <= labels.max() < num_classes)):
+            problem = (f"'{split}_labels' must be {len(images)} int64 labels in [0, {num_classes}), got "
+                       f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+                       + (f" in [{labels.min()}, {labels.max()}]" if isinstance(labels, torch.Tensor)
+                          and labels.numel() and not labels.is_floating_point() else ""))
+        if problem:
+            raise DatasetError(f"cache {cache}: {problem}; delete it to rebuild it from {archive}")
+
+
 def _load_cifar(name: str, data_path: str) -> dict[str, torch.Tensor]:
     """{train,test}_{images,labels} of CIFAR-10/100: from the tensor cache data_path/<name>.pt, else parsed from
     the archive (downloaded first if absent) and cached."""
@@ -318,9 +542,11 @@ def _load_cifar(name: str, data_path: str) -> dict[str, torch.Tensor]:
     cache, archive = root / f"{name}.pt", root / spec["url"].rsplit("/", 1)[1]
     if cache.exists():
         try:
-            return torch.load(cache, weights_only=True)
+            tensors = torch.load(cache, weights_only=True)
         except Exception as error:
             raise DatasetError(f"cannot read cache {cache} ({error}); delete it to rebuild it from {archive}") from None
+        _check_cifar_cache(tensors, cache, spec["num_classes"], archive)
+        return tensors
     if not archive.exists():
         _download(spec["url"], archive, spec["md5"])
     else:
@@ -374,12 +600,13 @@ def _load_fashion_mnist(data_path: str, split: str) -> ImageDataset:
     """Fashion-MNIST as uint8 (n, 3, 32, 32): each grey 28 x 28 image is zero-padded by 2 px on every side (the
     background is black, so no pixel is resampled) and its channel repeated three times."""
     paths = {}
-    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        name = f"{'train' if split == 'train' else 't10k'}-{kind}"
-        paths[kind] = _find_fashion_mnist_file(name, data_path)
-        if paths[kind] is None:
-            paths[kind] = Path(data_path) / f"{name}.gz"
-            _download(FASHION_MNIST_URL + f"{name}.gz", paths[kind], FASHION_MNIST_MD5[name])
+    for name in FASHION_MNIST_MD5:  # both splits' files, so a missing test file stops the run before training
+        path = _find_fashion_mnist_file(name, data_path)
+        if path is None:
+            path = Path(data_path) / f"{name}.gz"
+            _download(FASHION_MNIST_URL + f"{name}.gz", path, FASHION_MNIST_MD5[name])
+        if name.startswith("train" if split == "train" else "t10k"):
+            paths[name.split("-", 1)[1]] = path
     # files found locally are checked by content, not md5: Debian's package recompresses the official .gz files
     images = _read_idx(paths["images-idx3-ubyte"], 2051, 3)
     labels = _read_idx(paths["labels-idx1-ubyte"], 2049, 1)
@@ -406,6 +633,11 @@ def check_dataset(name: str, data_path: str) -> None:
         if train != val:
             raise DatasetError(f"{root}/train and {root}/val must hold the same class folders; in only one of "
                                f"them: {sorted(set(train) ^ set(val))[:5]}")
+        for sub, classes in (("train", train), ("val", val)):
+            for name in classes:
+                if not _holds_an_image(root / sub / name):
+                    raise DatasetError(f"class folder {root / sub / name} holds no image with extension "
+                                       f"{IMAGE_EXTENSIONS}; every class needs images in train/ and val/")
     elif name in CIFAR_ARCHIVES:
         archive = root / CIFAR_ARCHIVES[name]["url"].rsplit("/", 1)[1]
         if not (archive.exists() or (root / f"{name}.pt").exists()):
@@ -415,10 +647,11 @@ def check_dataset(name: str, data_path: str) -> None:
 
 
 def load_dataset(name: str, data_path: str, split: str, *, size: int | None = None, seed: int = 0,
-                 image_size: int = 224, evaluation: bool = False) -> ImageDataset | ImageFolder:
+                 image_size: int = 224, evaluation: bool = False, strict: bool = False,
+                 bad_images_file: str | None = None) -> ImageDataset | ImageFolder:
     """The 'train' or 'test' split (val/ for folder) of a dataset. size (default 20000 train / 2000 test) and
-    seed: synthetic only. image_size, and evaluation (the train split with the evaluation transform, for k-NN
-    features): folder only."""
+    seed: synthetic only. image_size, evaluation (the train split with the evaluation transform, for k-NN
+    features), strict and bad_images_file (unreadable images, see ImageFolder): folder only."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     check_dataset(name, data_path)
@@ -429,7 +662,7 @@ def load_dataset(name: str, data_path: str, split: str, *, size: int | None = No
         return make_synthetic(size, seed, split)
     if name == "folder":
         return ImageFolder(Path(data_path) / ("train" if split == "train" else "val"), image_size,
-                           evaluation=evaluation or split == "test")
+                           evaluation=evaluation or split == "test", strict=strict, bad_images_file=bad_images_file)
     if name in CIFAR_ARCHIVES:
         tensors = _load_cifar(name, data_path)
         return ImageDataset(tensors[f"{split}_images"], tensors[f"{split}_labels"],
@@ -454,227 +687,7 @@ def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     return order[: num_batches * batch_size * world_size].view(num_batches, world_size, batch_size)[:, rank].clone()
 
 
-# ----------------------------------------------------------------------------------------------------- multicrop (§6)
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    """float32 (n,) uniform in [low, high), on the generator's device."""
-    return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
-
-
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(x - mean) / std per channel, in place on float (N, 3, H, W); Python scalars, so nothing is copied to the GPU."""
-    for c in range(3):
-        x[:, c].sub_(mean[c]).div_(std[c])
-    return x
-
-
-def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator,
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes for n crops of a height x width image: float (n, 4) = (top, left, h, w) in pixels.
-
-    torchvision semantics, vectorised: every crop draws `attempts` candidates (area fraction ~ U(scale), aspect
-    log-uniform in ratio) and keeps the first that fits, else the central crop at the nearest allowed aspect.
-    """
-    area = _uniform(n * attempts, *scale, generator).view(n, attempts) * (height * width)
-    aspect = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator).view(n, attempts).exp()
-    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
-    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
-    first, found = fits.int().argmax(1, keepdim=True), fits.any(1)  # argmax gives the first of equal maxima
-    fallback_w, fallback_h = width, height
-    if width / height < ratio[0]:
-        fallback_h = round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w = round(height * ratio[1])
-    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h))
-    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w))
-    top = torch.where(found, (_uniform(n, 0, 1, generator) * (height - h + 1)).floor(), (height - fallback_h) // 2)
-    left = torch.where(found, (_uniform(n, 0, 1, generator) * (width - w + 1)).floor(), (width - fallback_w) // 2)
-    return torch.stack([top, left, h, w], 1)
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
-                  interpolation: str = "bicubic") -> torch.Tensor:
-    """Cut each box out of its image, mirror it where flip, resample it to size x size, in one grid_sample call.
-
-    images float (B, 3, H, W); boxes float (V*B, 4) = (top, left, h, w) in pixels, view-major (row v*B + b crops
-    image b); flip bool (V*B,). Returns float (V*B, 3, size, size). The box edges map onto the output edges, as
-    when torchvision resizes the cut pixels; unlike it, bicubic taps at the box border read up to 2 pixels
-    beyond the box, and nothing is antialiased (multicrop mostly upsamples).
-    """
-    B, C, H, W = images.shape
-    V = boxes.shape[0] // B
-    top, left, h, w = boxes.unbind(1)
-    theta = torch.zeros(V * B, 2, 3, device=images.device)  # output [-1, 1] -> input [-1, 1], align_corners=False
-    theta[:, 0, 0] = w / W * (1 - 2 * flip.float())  # a negative x scale mirrors the crop
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, [V * B, C, size, size], align_corners=False)  # (V*B, size, size, 2)
-    # the V grids of an image stacked vertically sample all its views at once, without copying the image V times
-    grid = grid.view(V, B, size, size, 2).transpose(0, 1).reshape(B, V * size, size, 2)
-    crops = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
-    crops = crops.view(B, C, V, size, size).permute(2, 0, 1, 3, 4).reshape(V * B, C, size, size)
-    return crops.clamp_(0, 1) if interpolation == "bicubic" else crops  # bicubic overshoots at edges
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma (N, 1, H, W) of RGB (N, 3, H, W), torchvision's rgb_to_grayscale weights (ITU-R 601)."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of RGB (N, 3, H, W) in [0, 1] by shift (N,) turns, as torchvision's adjust_hue."""
-    value, low = x.amax(1), x.amin(1)  # (N, H, W)
-    chroma = (value - low).clamp_min(1e-12)
-    saturation = (value - low) / value.clamp_min(1e-12)
-    r, g, b = x.unbind(1)
-    hue = torch.where(value == r, (g - b) / chroma, torch.where(value == g, 2 + (b - r) / chroma, 4 + (r - g) / chroma))
-    hue = (hue / 6 + shift.view(-1, 1, 1)).remainder_(1)  # in turns
-    # closed-form HSV -> RGB: channel n = 5, 3, 1 (R, G, B) is V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6
-    k = (torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue[:, None]).remainder_(6)
-    return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Blur each image of (N, 3, H, W) with its own Gaussian of std sigma (N,) pixels (0 = unchanged):
-    separable kernels of 2*radius+1 taps, reflect padding, one grouped conv2d per direction."""
-    N, C, H, W = x.shape
-    radius = min(radius, H - 1, W - 1)  # reflect padding must be smaller than the image
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-6)[:, None]) ** 2)  # sigma 0 -> a unit impulse
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, K): one filter per channel
-    x = x.reshape(1, N * C, H, W)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=N * C)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=N * C)
-    return x.view(N, C, H, W)
-
-
-class MultiCropAugmentation:
-    """DINO/iBOT multicrop (spec §6) of a whole uint8 batch: 2 global and L local crops per image.
-
-    Per crop: RandomResizedCrop -> h-flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale p 0.2 ->
-    Gaussian blur (p 1 / 0.1 on global crops 1 / 2, 0.5 on locals; sigma ~ U(blur_sigma) in pixels of the crop, as
-    DINO's PIL blur after the resize) -> solarize (p 0.2, global crop 2 only) -> normalise. Deviations from the PIL
-    pipeline: float arithmetic in [0, 1] (no rounding to uint8 between ops) and a fixed jitter order (brightness,
-    contrast, saturation, hue) where torchvision shuffles the order per call.
-    """
-
-    GLOBAL_BLUR_P, GLOBAL_SOLARIZE_P, LOCAL_BLUR_P = (1.0, 0.1), (0.0, 0.2), 0.5  # global crops 1 and 2; locals
-
-    def __init__(self, global_crops_size=224, local_crops_size=96, local_crops_number=10,
-                 global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), blur_sigma=(0.1, 2.0),
-                 interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        if interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-        self.global_crops_size, self.global_crops_scale = global_crops_size, global_crops_scale
-        self.local_crops_size, self.local_crops_scale = local_crops_size, local_crops_scale
-        self.local_crops_number, self.interpolation, self.mean, self.std = local_crops_number, interpolation, mean, std
-        self.blur_sigma, self.blur_radius = blur_sigma, math.ceil(3 * blur_sigma[1])  # taps cover 3 sigma
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) on the generator's device -> normalised float32 global crops (2*B, 3, G, G) and
-        local crops (L*B, 3, l, l), view-major: rows [v*B:(v+1)*B] are view v of every image."""
-        x = images.float().div_(255)
-        global_crops = self.views(x, self.global_crops_size, self.global_crops_scale, self.GLOBAL_BLUR_P,
-                                  self.GLOBAL_SOLARIZE_P, generator)
-        L, size = self.local_crops_number, self.local_crops_size
-        if L == 0:
-            return global_crops, x.new_empty(0, 3, size, size)
-        local_crops = self.views(x, size, self.local_crops_scale, (self.LOCAL_BLUR_P,) * L, (0.0,) * L, generator)
-        return global_crops, local_crops
-
-    def views(self, x, size, scale, blur_p, solarize_p, generator) -> torch.Tensor:
-        """len(blur_p) augmented views of every image of float x (B, 3, H, W) in [0, 1]; view v is blurred with
-        probability blur_p[v], solarized with solarize_p[v]. Returns normalised float (V*B, 3, size, size)."""
-        B, _, H, W = x.shape
-        n = len(blur_p) * B
-
-        def per_view(probs):  # (V*B,), view-major
-            return torch.cat([torch.full((B,), p, device=x.device) for p in probs])
-
-        def jitter_factor(low, high, identity):  # a crop without jitter gets the identity factor
-            return torch.where(jitter, _uniform(n, low, high, generator), identity).view(n, 1, 1, 1)
-
-        crops = resized_crops(x, sample_crop_boxes(n, H, W, scale, generator), _uniform(n, 0, 1, generator) < 0.5,
-                              size, self.interpolation)
-        jitter = _uniform(n, 0, 1, generator) < 0.8
-        brightness, contrast = jitter_factor(0.6, 1.4, 1.0), jitter_factor(0.6, 1.4, 1.0)
-        saturation, hue = jitter_factor(0.8, 1.2, 1.0), jitter_factor(-0.1, 0.1, 0.0)
-        crops = crops.mul_(brightness).clamp_(0, 1)
-        crops = torch.lerp(_grey(crops).mean((1, 2, 3), keepdim=True), crops, contrast).clamp_(0, 1)  # vs mean luma
-        crops = torch.lerp(_grey(crops), crops, saturation).clamp_(0, 1)
-        crops = shift_hue(crops, hue)
-        grey = (_uniform(n, 0, 1, generator) < 0.2).view(n, 1, 1, 1)
-        crops = torch.where(grey, _grey(crops).expand_as(crops), crops)
-        blur = _uniform(n, 0, 1, generator) < per_view(blur_p)
-        crops = gaussian_blur(crops, torch.where(blur, _uniform(n, *self.blur_sigma, generator), 0.0), self.blur_radius)
-        solarize = (_uniform(n, 0, 1, generator) < per_view(solarize_p)).view(n, 1, 1, 1)
-        crops = torch.where(solarize & (crops >= 128 / 255), 1 - crops, crops)  # PIL solarize: invert values >= 128
-        return _normalize(crops, self.mean, self.std)
-
-
-# ----------------------------------------------------------------------------------------------------- masks (§2.6)
-class BlockMaskGenerator:
-    """iBOT/BEiT block-wise masks on a g x g patch grid, for many crops at once on the generator's device.
-
-    Per crop: pick one entry of pred_ratio uniformly, r ~ U(mean - var, mean + var), target T = r g^2 patches.
-    BEiT's generator then proposes rectangles (area ~ U(min_num_patches, T - count), aspect log-uniform in
-    (min_aspect, 1/min_aspect), sides < g, random top-left) and accepts one when it covers between 1 and T - count
-    new cells, until the count reaches T or 10 proposals in a row fail; so count <= T. Here every crop proposes
-    once per round for a fixed number of rounds (a finished crop keeps failing), which needs no host sync;
-    32 rounds match the mean ratio of the unbounded loop to 1e-4 at g = 6, 8 and 14 (measured).
-    min_num_patches=None is iBOT's (g // 3)^2 (4 at g = 6..8, 16 at g = 14); BEiT's own default is 4.
-    """
-
-    def __init__(self, grid_size: int, pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), min_aspect=0.3,
-                 min_num_patches: int | None = None, rounds: int = 32):
-        pred_ratio = tuple(pred_ratio) if isinstance(pred_ratio, (tuple, list)) else (pred_ratio,)
-        if not isinstance(pred_ratio_var, (tuple, list)):
-            pred_ratio_var = (pred_ratio_var,) * len(pred_ratio)
-        pairs = list(zip(pred_ratio, pred_ratio_var))
-        if len(pred_ratio_var) != len(pred_ratio) or not all(0 <= var <= mean <= 1 for mean, var in pairs):
-            raise ValueError(f"need 0 <= pred_ratio_var <= pred_ratio <= 1 pairwise, got {pred_ratio}, "
-                             f"{pred_ratio_var}")
-        self.grid_size, self.pred_ratio, self.pred_ratio_var = grid_size, pred_ratio, tuple(pred_ratio_var)
-        self.log_aspect = (math.log(min_aspect), -math.log(min_aspect))
-        self.min_num_patches = (grid_size // 3) ** 2 if min_num_patches is None else min_num_patches
-        self.rounds = rounds
-
-    def __call__(self, num_masks: int, generator: torch.Generator) -> torch.Tensor:
-        """bool (num_masks, g*g), row-major over the patch grid, True = masked, on the generator's device."""
-        return self.block_masks(self.sample_targets(num_masks, generator), generator)
-
-    def sample_targets(self, num_masks: int, generator: torch.Generator) -> torch.Tensor:
-        """float (num_masks,) target numbers of masked patches T = r g^2 (spec §2.6)."""
-        choice = _uniform(num_masks, 0, len(self.pred_ratio), generator).floor()
-        ratio = torch.zeros(num_masks, device=generator.device)
-        for k, (mean, var) in enumerate(zip(self.pred_ratio, self.pred_ratio_var)):
-            ratio = torch.where(choice == k, _uniform(num_masks, mean - var, mean + var, generator), ratio)
-        return ratio * self.grid_size ** 2
-
-    def block_masks(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """bool (n, g*g) block masks, True = masked, with at most target (n,) cells each."""
-        n, g = len(target), self.grid_size
-        mask = torch.zeros(n, g, g, dtype=torch.bool, device=target.device)
-        count, failures = torch.zeros(n, device=target.device), torch.zeros(n, device=target.device)
-        cells = torch.arange(g, device=target.device)
-        for _ in range(self.rounds):
-            budget = target - count
-            area = self.min_num_patches + (budget - self.min_num_patches) * _uniform(n, 0, 1, generator)
-            aspect = _uniform(n, *self.log_aspect, generator).exp()
-            h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
-            top = (_uniform(n, 0, 1, generator) * (g - h + 1).clamp_min(1)).floor()
-            left = (_uniform(n, 0, 1, generator) * (g - w + 1).clamp_min(1)).floor()
-            rows = (cells >= top[:, None]) & (cells < (top + h)[:, None])  # (n, g)
-            cols = (cells >= left[:, None]) & (cells < (left + w)[:, None])
-            new = rows[:, :, None] & cols[:, None, :] & ~mask  # (n, g, g): cells this rectangle would add
-            added = new.sum((1, 2))
-            accept = (h < g) & (w < g) & (added > 0) & (added <= budget) & (count < target) & (failures < 10)
-            mask |= new & accept.view(n, 1, 1)
-            count += added * accept
-            failures = torch.where(accept, 0.0, failures + 1)  # proposals failed in a row
-        return mask.view(n, g * g)
-
-
+# ----------------------------------------------------------------------------------------------------- evaluation
 def normalize_images(images: torch.Tensor, size: int | None = None, mean=IMAGENET_MEAN,
                      std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float32 (B, 3, size, size), resized (bicubic, antialiased when shrinking)
@@ -683,4 +696,4 @@ def normalize_images(images: torch.Tensor, size: int | None = None, mean=IMAGENE
     if size is not None and (size != x.shape[2] or size != x.shape[3]):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=size < x.shape[2], align_corners=False)
         x = x.clamp_(0, 1)
-    return _normalize(x, mean, std)
+    return normalize(x, mean, std)

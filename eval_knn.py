@@ -54,9 +54,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device
         batches = (dataset.images[s:s + batch_size] for s in mine)
     else:
         sampler = [list(range(s, min(s + batch_size, n))) for s in mine]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                             pin_memory=device.type == "cuda")
-        batches = (images for images, _ in loader)
+        batches = (images for images, _ in data.load_batches(dataset, sampler, num_workers, device.type == "cuda"))
     was_training = backbone.training
     backbone.eval()
     features = torch.zeros(len(starts) * batch_size, backbone.embed_dim, device=device)  # padded to whole batches
@@ -193,6 +191,8 @@ def main(argv=None):
                         help="synthetic training images (default: the checkpoint's, else 20000)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
+    parser.add_argument("--strict_data", action="store_true",
+                        help="folder datasets: stop at the first unreadable image (default: skip it with a warning)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
     parser.add_argument("--interpolate_offset", type=float, default=None,
@@ -229,19 +229,20 @@ def main(argv=None):
         data.check_dataset(dataset, data_path)
         size = args.synthetic_size or (config or {}).get("synthetic_size")
         train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size or 224,
-                                      evaluation=True)
-        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224)
-    except data.DatasetError as e:
+                                      evaluation=True, strict=args.strict_data)
+        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224,
+                                     strict=args.strict_data)
+        if backbone is None:
+            backbone = Pixels(image_size or train_set[0][0].shape[-1])
+        elif image_size and image_size % backbone.patch_embed.patch_size:
+            raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
+                             f"{backbone.patch_embed.patch_size}")
+        if len(train_set) < max(KNN_KS):
+            print(f"note: only {len(train_set)} training images: a k above that votes with all of them")
+        result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
+                              args.num_workers, temperature=args.temperature)
+    except data.DatasetError as e:  # e.g. an unreadable image with --strict_data, found by a loader worker
         raise SystemExit(f"error: {e}")
-    if backbone is None:
-        backbone = Pixels(image_size or train_set[0][0].shape[-1])
-    elif image_size and image_size % backbone.patch_embed.patch_size:
-        raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
-                         f"{backbone.patch_embed.patch_size}")
-    if len(train_set) < max(KNN_KS):
-        print(f"note: only {len(train_set)} training images: a k above that votes with all of them")
-    result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
-                          args.num_workers, temperature=args.temperature)
     for k, (top1, top5) in result.items():
         print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
     return result

@@ -11,8 +11,8 @@ the best held-out top-1 is selected, and its top-1 on the test split is the repo
 over the grid is printed as well: that is how DINO/iBOT report it (they select on the validation set).
 
 `--augment` is the official protocol (random-resized crop + flip, features recomputed every epoch); it is slow.
-For image folders the crops are then cut from the central square of each training image (as in train.py), and the
-held-out images are embedded from that square too, without augmentation.
+For image folders the crops are then cut from the whole training image (as in train.py); the held-out images, and
+the statistics that standardise the features, use the evaluation transform (resize 256, centre crop 224).
 
     python eval_linear.py --checkpoint runs/cpu_demo/checkpoint.pth
     python eval_linear.py --pixels --dataset synthetic --synthetic_size 10000      # the raw-pixel baseline
@@ -26,6 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import eval_knn
 from model import ARCHS
@@ -57,22 +58,26 @@ def extract(backbone, dataset, batch_size: int, device: torch.device, image_size
     indices = torch.arange(len(dataset)) if indices is None else indices.cpu()
     chunks = indices.split(batch_size)
     if isinstance(dataset, data.ImageDataset):
-        batches = (dataset.images[idx] for idx in chunks)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks],
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
-        batches = (images for images, _ in loader)
+        batches = ((dataset.images[idx], None) for idx in chunks)
+    else:  # folder items: (image, label) under the evaluation transform, (canvas, valid size, label) for training
+        loader = data.load_batches(dataset, [c.tolist() for c in chunks], num_workers, device.type == "cuda")
+        batches = ((items[0], items[1] if len(items) == 3 else None) for items in loader)
     was_training = backbone.training
     backbone.eval()
     features = []
-    for images in batches:
+    for images, sizes in batches:
         images = images.to(device, non_blocking=True)
         if generator is not None:
-            x = images.float().div_(255)  # (b, 3, H, W)
-            b, _, H, W = x.shape
-            boxes = data.sample_crop_boxes(b, H, W, (0.08, 1.0), generator).to(device)
+            b, _, H, W = images.shape
+            if sizes is None:
+                boxes = augment.sample_crop_boxes(b, H, W, (0.08, 1.0), generator).to(device)
+            else:  # crops of the whole image, inside its valid region of the canvas (data.ImageFolder)
+                images = augment.replicate_edges(images, sizes.to(device))
+                boxes = augment.sample_crop_boxes(b, sizes[:, 0], sizes[:, 1], (0.08, 1.0), generator).to(device)
             flip = torch.rand(b, generator=generator) < 0.5
-            x = data.resized_crops(x, boxes, flip.to(device), image_size or H)
+            x = augment.resized_crops(images.float().div_(255), boxes, flip.to(device), image_size or H,
+                                      antialias=sizes is not None,
+                                      sizes=None if sizes is None else sizes.to(device))
             mean = torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
             x = (x - mean) / torch.tensor(data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
         else:
@@ -176,10 +181,11 @@ def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
 
 def linear_evaluate(backbone, train_set, test_set, device, *, n_last_blocks=4, avgpool=False, image_size=None,
                     lrs=LRS, weight_decays=WEIGHT_DECAYS, steps=500, batch_size=1024, val_fraction=0.1, seed=0,
-                    augment_epochs=0, extract_batch_size=256, num_workers=0) -> dict:
+                    augment_epochs=0, extract_batch_size=256, num_workers=0, augment_set=None) -> dict:
     """Held-out-selected linear probe. Returns dict(top1 (test top-1 % of the selected classifier), best_test_top1
     (best test top-1 % over the grid, DINO/iBOT-style), val_top1 (G,), test_top1 (G,), lrs, weight_decays,
-    selected (grid index)). Test labels are read only after the selection."""
+    selected (grid index)). Test labels are read only after the selection. augment_set: the training split as
+    augment_epochs crops it (folder datasets: whole images on canvases; default train_set itself)."""
     num_classes = max(train_set.num_classes, test_set.num_classes)
     fit, held_out = split_train(len(train_set), val_fraction, seed)
     train_labels = train_set.labels.to(device)
@@ -202,8 +208,9 @@ def linear_evaluate(backbone, train_set, test_set, device, *, n_last_blocks=4, a
         per_epoch, generator = max(1, len(fit) // batch_size), torch.Generator().manual_seed(seed)
         fit_labels = train_labels[fit.to(device)]
         for epoch in range(augment_epochs):
-            features = standardise(extract(backbone, train_set, indices=fit, generator=generator, **extract_args),
-                                   mean, std)
+            crops = extract(backbone, train_set if augment_set is None else augment_set, indices=fit,
+                            generator=generator, **extract_args)
+            features = standardise(crops, mean, std)
             order = batch_order(len(fit), batch_size, per_epoch, seed + 1 + epoch).to(device)
             for i, idx in enumerate(order):
                 grid.step(features[idx], fit_labels[idx],
@@ -276,7 +283,9 @@ def main(argv=None):
         data.check_dataset(dataset, data_path)
         size = args.synthetic_size or (config or {}).get("synthetic_size")
         train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size or 224,
-                                      evaluation=not args.augment)
+                                      evaluation=True)
+        augment_set = (data.load_dataset(dataset, data_path, "train", image_size=image_size or 224)
+                       if args.augment and dataset == "folder" else None)
         test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224)
     except data.DatasetError as e:
         raise SystemExit(f"error: {e}")
@@ -289,7 +298,8 @@ def main(argv=None):
                              weight_decays=args.weight_decays, steps=args.steps, batch_size=args.batch_size,
                              val_fraction=args.val_fraction, seed=args.seed,
                              augment_epochs=args.epochs if args.augment else 0,
-                             extract_batch_size=args.extract_batch_size, num_workers=args.num_workers)
+                             extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
+                             augment_set=augment_set)
     print("lr        wd        held-out top-1  test top-1")
     for i, (lr, wd) in enumerate(zip(result["lrs"].tolist(), result["weight_decays"].tolist())):
         mark = "  <- selected on held-out" if i == result["selected"] else ""

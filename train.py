@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import data
 from eval_knn import knn_evaluate, read_checkpoint
 from losses import sop_loss, sop_mim_loss
@@ -43,6 +44,8 @@ class Config:
     data_path: str = "data/imagenet"  # dataset root; CIFAR/Fashion-MNIST files are downloaded here when missing
     synthetic_size: int = 20000  # training images of the synthetic dataset (test split: 2000)
     num_workers: int = 10  # folder dataset: JPEG-decoding DataLoader processes per GPU
+    gpu_decode: bool = False  # folder training: decode JPEGs on the GPU (nvJPEG, needs torchvision); else Pillow
+    strict_data: bool = False  # folder: stop at the first unreadable image; false: skip it, list it in bad_images.txt
     # multi-crop augmentation (spec §6, Decision 8)
     global_crops_size: int = 224  # px
     global_crops_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the source image
@@ -297,10 +300,11 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self.global_batch = cfg.batch_size_per_gpu * world
         self.schedules = build_schedules(cfg, steps_per_epoch, self.global_batch)
-        self.augment = data.MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size, cfg.local_crops_number,
-                                                  cfg.global_crops_scale, cfg.local_crops_scale, cfg.blur_sigma)
-        self.make_masks = data.BlockMaskGenerator(cfg.global_crops_size // cfg.patch_size, cfg.pred_ratio,
-                                                  cfg.pred_ratio_var)
+        self.augment = augment.MultiCropAugmentation(cfg.global_crops_size, cfg.local_crops_size,
+                                                     cfg.local_crops_number, cfg.global_crops_scale,
+                                                     cfg.local_crops_scale, cfg.blur_sigma)
+        self.make_masks = augment.BlockMaskGenerator(cfg.global_crops_size // cfg.patch_size, cfg.pred_ratio,
+                                                     cfg.pred_ratio_var)
 
         # Student (drop path, mask token) and teacher: a copy without either, never trained by gradients.
         def network(student: bool) -> SOPNetwork:
@@ -334,9 +338,10 @@ class Trainer:
         self.teacher_forward = torch.compile(self.teacher) if cfg.compile else self.teacher
 
     def train_step(self, images: torch.Tensor, step: int, rank: int = 0,
-                   indices: torch.Tensor | None = None) -> torch.Tensor:
+                   indices: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """One step on a rank-local batch of uint8 images (B, 3, H, W) on the device, in the paper's order.
         indices (B,): the images' dataset indices, stored beside their memory rows (for visualize.py; None: -1).
+        sizes (B, 2): valid (height, width) of each image when they are padded canvases (folder datasets).
 
         Returns, on the device, (loss, loss_cls, loss_patch, teacher entropy, teacher [CLS] std): no host sync.
         """
@@ -352,8 +357,8 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 2, rank))
         anchor_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 3))  # same on every rank
 
-        # ---- multi-crop views and block masks, batched on the device (data.py)
-        global_crops, local_crops = self.augment(images, gen)  # (2B, 3, G, G), (V_l B, 3, l, l)
+        # ---- multi-crop views and block masks, batched on the device (augment.py)
+        global_crops, local_crops = self.augment(images, gen, sizes)  # (2B, 3, G, G), (V_l B, 3, l, l)
         masks = self.make_masks(global_crops.shape[0], gen)  # (2B, P), True = masked
 
         # ---- teacher on the unmasked global crops; student on masked globals and all locals
@@ -526,7 +531,10 @@ def main(argv: list[str] | None = None) -> "Trainer":
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    return train(cfg)
+    try:
+        return train(cfg)
+    except data.DatasetError as e:  # e.g. an unreadable image with --strict_data true, found by a loader worker
+        raise SystemExit(f"error: {e}")
 
 
 class OutputLock:
@@ -610,9 +618,11 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
     main_process = rank == 0
     if rank > 0:
         dist.barrier()  # rank 0 downloads and caches the dataset first
+    bad_images_path = os.path.join(cfg.output_dir, "bad_images.txt")  # unreadable images, listed by data workers
+    folder_options = dict(strict=cfg.strict_data, bad_images_file=bad_images_path)
     try:  # the dataset was checked by validate(); this parses it (and downloads it on first use)
         train_set = data.load_dataset(cfg.dataset, cfg.data_path, "train", size=cfg.synthetic_size,
-                                      image_size=cfg.global_crops_size)
+                                      image_size=cfg.global_crops_size, **folder_options)
     except data.DatasetError as e:
         raise SystemExit(f"error: --dataset {cfg.dataset}: {e}")
     if rank == 0 and world > 1:
@@ -667,6 +677,16 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
         log({"step": step, "resumed_from_previous_checkpoint": bool(notes),
              "resume_changes": {name: [old, new] for name, (old, new) in changes.items()}})
 
+    reported_bad_images = set(data.read_bad_images(bad_images_path))
+    def log_bad_images(record: dict) -> None:
+        """Add the images the data workers skipped since the last call to the record, and print them."""
+        new = [path for path in data.read_bad_images(bad_images_path) if path not in reported_bad_images]
+        reported_bad_images.update(new)
+        if new and main_process:
+            record["bad_images"] = new
+            print(f"skipped {len(new)} unreadable image(s), listed in {bad_images_path}: {', '.join(new[:3])}"
+                  + (" ..." if len(new) > 3 else ""))
+
     test_set = None
     def knn_top1(epoch: int) -> float | None:
         """k-NN top-1 (k = 20, %) of the teacher backbone on the test split, every knn_every epochs and at the end."""
@@ -674,14 +694,18 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
         if cfg.knn_every == 0 or (epoch % cfg.knn_every and epoch != cfg.epochs):
             return None
         if test_set is None:
-            test_set = data.load_dataset(cfg.dataset, cfg.data_path, "test", image_size=cfg.global_crops_size)
+            test_set = data.load_dataset(cfg.dataset, cfg.data_path, "test", image_size=cfg.global_crops_size,
+                                         **folder_options)
         knn_train = train_set if in_memory else data.load_dataset(cfg.dataset, cfg.data_path, "train",
-                                                                  image_size=cfg.global_crops_size, evaluation=True)
+                                                                  image_size=cfg.global_crops_size, evaluation=True,
+                                                                  **folder_options)
         return knn_evaluate(trainer.teacher.backbone, knn_train, test_set, device, num_workers=cfg.num_workers,
                             ks=(20,))[20][0]
 
     if step == 0 and (top1 := knn_top1(0)) is not None:
-        log({"epoch": 0, "step": 0, "knn_top1": top1, "elapsed_s": time.time() - run_start})
+        record = {"epoch": 0, "step": 0, "knn_top1": top1, "elapsed_s": time.time() - run_start}
+        log_bad_images(record)
+        log(record)
         if main_process:
             print(f"epoch 0: knn_top1 {top1:.2f}")
 
@@ -695,18 +719,17 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
         batches = data.epoch_batches(len(train_set), cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
         batches = batches[first_batch:first_batch + stop_step - step]
         if in_memory:
-            batch_iter = ((train_images[idx], idx) for idx in batches.to(device))
-        else:
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches.tolist(),
-                                                 num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            batch_iter = ((images.to(device, non_blocking=True), idx.to(device, non_blocking=True))
-                          for (images, _), idx in zip(loader, batches))
+            batch_iter = ((train_images[idx], None, idx) for idx in batches.to(device))
+        else:  # uint8 canvases (B, 3, L, L) and their images' valid sizes (B, 2), on the device
+            loader = data.folder_batches(train_set, batches.tolist(), device, cfg.num_workers, cfg.gpu_decode)
+            batch_iter = ((images, sizes, idx.to(device, non_blocking=True))
+                          for (images, sizes), idx in zip(loader, batches))
         sums = torch.zeros(len(STATS), device=device)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process,
                    dynamic_ncols=True)
         start_time, epoch_steps = time.time(), 0
-        for images, indices in batch_iter:
-            stats = trainer.train_step(images, step, rank, indices)
+        for images, sizes, indices in batch_iter:
+            stats = trainer.train_step(images, step, rank, indices=indices, sizes=sizes)
             sums += stats
             first_bad_step = torch.where(torch.isfinite(stats[0]), first_bad_step,
                                          first_bad_step.clamp(max=step))  # no host sync
@@ -733,6 +756,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
                                         "elapsed_s": time.time() - run_start, "config": asdict(cfg)})
         if stopping:
             record["stopped_by_signal"] = True
+            log_bad_images(record)
             log(record)
             if main_process:
                 print(f"stopped by a signal after step {step}; checkpoint written to {ckpt_path}; run the same "
@@ -740,6 +764,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
             break
         if whole_epoch and (top1 := knn_top1(step // steps_per_epoch)) is not None:
             record["knn_top1"] = top1
+        log_bad_images(record)
         record["elapsed_s"] = time.time() - run_start  # since the run began, k-NN evaluations included
         log(record)
         if main_process:

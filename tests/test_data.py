@@ -1,13 +1,12 @@
-"""Tests for data.py: multicrop geometry and photometry, block masks, dataset parsers (on fabricated files, corrupt
-ones included), epoch batches. CPU, seeded, no network (urlopen is patched in every test)."""
-import colorsys
+"""Tests for data.py: dataset parsers (on fabricated files, corrupt ones included), image folders (draft decoding,
+canvases, unreadable images, GPU-decode path and fallback, a folder training run), epoch batches. CPU, seeded, no
+network (urlopen is patched in every test)."""
 import gzip
 import hashlib
 import io
 import math
 import os
 import pickle
-import random
 import tarfile
 import urllib.error
 import urllib.request
@@ -18,8 +17,7 @@ import pytest
 import torch
 
 import data
-from data import (DatasetError, BlockMaskGenerator, MultiCropAugmentation, check_dataset, epoch_batches,
-                  gaussian_blur, load_dataset, normalize_images, resized_crops, sample_crop_boxes, shift_hue)
+from data import DatasetError, check_dataset, epoch_batches, load_dataset, normalize_images
 
 
 @pytest.fixture(autouse=True)
@@ -32,207 +30,6 @@ def no_network(monkeypatch):
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def unnormalize(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
-
-
-def half_black_half_white(batch: int, side: int = 32) -> torch.Tensor:
-    """uint8 (batch, 3, side, side): left half 0, right half 255."""
-    images = torch.zeros(batch, 3, side, side, dtype=torch.uint8)
-    images[..., side // 2:] = 255
-    return images
-
-
-# ----------------------------------------------------------------------------------------------------- multicrop
-def test_multicrop_counts_sizes_dtypes_ranges():
-    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
-    global_crops, local_crops = MultiCropAugmentation(32, 16, 6)(images, gen())
-    assert global_crops.shape == (8, 3, 32, 32) and local_crops.shape == (24, 3, 16, 16)
-    assert global_crops.dtype == local_crops.dtype == torch.float32
-    for crops in (global_crops, local_crops):
-        values = unnormalize(crops)
-        assert values.min() >= -1e-5 and values.max() <= 1 + 1e-5
-    global_crops, local_crops = MultiCropAugmentation(24, 8, 0, interpolation="bilinear")(images, gen())
-    assert global_crops.shape == (8, 3, 24, 24) and local_crops.shape == (0, 3, 8, 8)
-
-
-def test_multicrop_same_seed_same_crops():
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    augment = MultiCropAugmentation(32, 16, 2)
-    first, second, other = augment(images, gen(1)), augment(images, gen(1)), augment(images, gen(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert not any(torch.equal(a, b) for a, b in zip(first, other))
-
-
-def test_resized_crops_identity_and_mirror():
-    images = torch.rand(2, 3, 16, 16)
-    box = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
-    for mode in ("bicubic", "bilinear"):
-        same = resized_crops(images, box, torch.tensor([False, False]), 16, mode)
-        mirrored = resized_crops(images, box, torch.tensor([True, True]), 16, mode)
-        torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
-        torch.testing.assert_close(mirrored, images.flip(-1), atol=1e-5, rtol=0)
-
-
-def test_resized_crops_cut_the_box_view_major():
-    images = torch.rand(2, 3, 32, 32)
-    boxes = torch.tensor([[4.0, 8.0, 16.0, 16.0], [0.0, 2.0, 16.0, 16.0],  # view 0 of images 0 and 1
-                          [10.0, 0.0, 16.0, 16.0], [16.0, 16.0, 16.0, 16.0]])  # view 1
-    flip = torch.tensor([False, True, True, False])
-    crops = resized_crops(images, boxes, flip, 16)  # same size as the box: a 1:1 copy
-    torch.testing.assert_close(crops[0], images[0, :, 4:20, 8:24], atol=1e-5, rtol=0)
-    torch.testing.assert_close(crops[1], images[1, :, 0:16, 2:18].flip(-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(crops[2], images[0, :, 10:26, 0:16].flip(-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(crops[3], images[1, :, 16:32, 16:32], atol=1e-5, rtol=0)
-
-
-def test_resized_crops_upsample_a_step():
-    images = half_black_half_white(1).float() / 255  # step between columns 15 and 16
-    box = torch.tensor([[0.0, 8.0, 32.0, 16.0]])  # columns 8..23, stretched x2: the step lands mid-output
-    for flip in (False, True):
-        crop = resized_crops(images, box, torch.tensor([flip]), 32, "bilinear")[0, 0]
-        crop = crop.flip(-1) if flip else crop
-        assert torch.all(crop[:, :15] == 0) and torch.all(crop[:, 17:] == 1)
-    left = resized_crops(images, torch.tensor([[0.0, 0.0, 32.0, 12.0]]), torch.tensor([False]), 32)
-    assert torch.all(left == 0)  # a box 4 px clear of the step sees only black, even with bicubic taps
-
-
-def test_sample_crop_boxes_follow_random_resized_crop():
-    boxes = sample_crop_boxes(2000, 40, 50, (0.05, 0.25), gen())
-    top, left, h, w = boxes.unbind(1)
-    assert torch.equal(boxes, boxes.round()) and torch.all((top >= 0) & (left >= 0))
-    assert torch.all((top + h <= 40) & (left + w <= 50))
-    fraction = h * w / (40 * 50)
-    assert fraction.min() > 0.04 and fraction.max() < 0.27  # scale range, up to rounding
-    assert (w / h).min() > 0.6 and (w / h).max() < 1.6
-    assert torch.equal(boxes, sample_crop_boxes(2000, 40, 50, (0.05, 0.25), gen()))
-    # no candidate fits: torchvision falls back to the central crop at the nearest allowed aspect ratio
-    assert torch.equal(sample_crop_boxes(3, 32, 32, (1.5, 2.0), gen()), torch.tensor([[0.0, 0, 32, 32]] * 3))
-    assert torch.equal(sample_crop_boxes(2, 10, 40, (1.5, 2.0), gen()), torch.tensor([[0.0, 13, 10, 13]] * 2))
-
-
-def test_shift_hue_matches_colorsys():
-    pixels = torch.rand(6, 3, 4, 4)
-    pixels[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.5])  # grey: hue undefined, must stay grey
-    shift = torch.tensor([0.0, 0.1, -0.1, 0.5, 0.33, -0.05])
-    out = shift_hue(pixels, shift)
-    for n in range(6):
-        for i in range(4):
-            for j in range(4):
-                h, s, v = colorsys.rgb_to_hsv(*pixels[n, :, i, j].tolist())
-                expected = colorsys.hsv_to_rgb((h + shift[n].item()) % 1, s, v)
-                torch.testing.assert_close(out[n, :, i, j], torch.tensor(expected), atol=1e-5, rtol=0)
-
-
-def test_gaussian_blur_reference_and_identity():
-    image = torch.zeros(2, 3, 21, 21)
-    image[:, :, 10, 10] = 1
-    out = gaussian_blur(image, torch.tensor([0.0, 1.5]), radius=6)
-    assert torch.equal(out[0], image[0])  # sigma 0 leaves the crop unchanged
-    offsets = torch.arange(-6, 7, dtype=torch.float32)
-    kernel = torch.exp(-offsets ** 2 / (2 * 1.5 ** 2))
-    kernel = kernel / kernel.sum()
-    expected = torch.zeros(21, 21)
-    expected[4:17, 4:17] = kernel[:, None] * kernel[None, :]
-    torch.testing.assert_close(out[1, 1], expected, atol=1e-6, rtol=0)
-
-
-def test_grayscale_gives_equal_channels_about_20_percent():
-    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
-    global_crops, _ = MultiCropAugmentation(32, 16, 0)(images, gen())
-    values = unnormalize(global_crops)
-    grey = (values.amax(1) - values.amin(1)).flatten(1).amax(1) < 1e-5  # (2B,) crops with equal channels
-    assert 0.12 < grey.float().mean() < 0.28
-
-
-def test_solarize_only_on_global_crop_2():
-    # a white image stays uniform through every op; only solarisation can bring it below 0.5
-    B = 300
-    white = torch.full((B, 3, 32, 32), 255, dtype=torch.uint8)
-    global_crops, local_crops = MultiCropAugmentation(32, 16, 2)(white, gen())
-    dark_global = unnormalize(global_crops).flatten(1).amax(1) < 0.5
-    assert not dark_global[:B].any() and not (unnormalize(local_crops) < 0.5).any()
-    assert 0.12 < dark_global[B:].float().mean() < 0.28
-
-
-def test_blur_always_on_global_1_rarely_on_global_2_half_on_locals():
-    # crops of the whole step image: pointwise ops keep a one-pixel step, only the blur spreads it
-    B = 300
-    augment = MultiCropAugmentation(32, 32, 2, global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0))
-    global_crops, local_crops = augment(half_black_half_white(B), gen())
-
-    def blurred(crops):  # fraction of crops whose step is spread, among those where a step is left
-        profile = unnormalize(crops).mean((1, 2))  # (N, W): the image is constant along y
-        span = profile.amax(1) - profile.amin(1)  # 0 where solarising merged the two levels
-        step = (profile[:, 1:] - profile[:, :-1]).abs().amax(1)
-        return (step / span < 0.999)[span > 0.05].float().mean()
-
-    assert blurred(global_crops[:B]) > 0.8  # sigma < 0.26 px is invisible here: ~92 % expected
-    assert blurred(global_crops[B:]) < 0.2
-    assert 0.33 < blurred(local_crops) < 0.6
-
-
-# ----------------------------------------------------------------------------------------------------- block masks
-@pytest.mark.parametrize("grid", [8, 14])
-def test_mask_ratio_ibot_recipe_and_fixed(grid):
-    masks = BlockMaskGenerator(grid)(4000, gen())
-    assert masks.shape == (4000, grid * grid) and masks.dtype == torch.bool
-    assert abs(masks.float().mean() - 0.15) < 0.03
-    assert 0.45 < (~masks.any(1)).float().mean() < 0.55  # half the crops unmasked
-    fixed = BlockMaskGenerator(grid, pred_ratio=(0.3,), pred_ratio_var=(0.0,))(4000, gen())
-    assert abs(fixed.float().mean() - 0.3) < 0.03 and fixed.any(1).all()
-
-
-def test_mask_counts_within_targets_and_deterministic():
-    generator = BlockMaskGenerator(14, pred_ratio=(0.0, 0.3, 0.5), pred_ratio_var=(0.0, 0.2, 0.1))
-    targets = generator.sample_targets(3000, gen())
-    masks = generator.block_masks(targets, gen(1))
-    assert torch.all(masks.sum(1) <= targets)
-    assert torch.equal(generator(100, gen(5)), generator(100, gen(5)))
-    assert not torch.equal(generator(100, gen(5)), generator(100, gen(6)))
-
-
-def test_mask_one_round_is_one_rectangle():
-    masks = BlockMaskGenerator(14, pred_ratio=(0.4,), pred_ratio_var=(0.0,), rounds=1)(500, gen()).view(500, 14, 14)
-    assert masks.any((1, 2)).float().mean() > 0.5
-    for mask in masks[masks.any((1, 2))]:
-        rows, cols = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
-        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # the bounding box is filled
-
-
-def beit_reference_ratio(grid: int, ratio: float, num: int, rng: random.Random) -> float:
-    """Mean masked fraction of the iBOT/BEiT loop (spec §2.6), written straight from the description."""
-    low, total = (grid // 3) ** 2, 0
-    for _ in range(num):
-        mask, count, high = np.zeros((grid, grid), bool), 0, ratio * grid * grid
-        while count < high:
-            budget, delta = high - count, 0
-            for _ in range(10):
-                area = rng.uniform(low, budget)
-                aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-                if w < grid and h < grid:
-                    top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
-                    new = h * w - mask[top:top + h, left:left + w].sum()
-                    if 0 < new <= budget:
-                        mask[top:top + h, left:left + w] = True
-                        delta = new
-                if delta > 0:
-                    break
-            if delta == 0:
-                break
-            count += delta
-        total += mask.sum()
-    return total / (num * grid * grid)
-
-
-@pytest.mark.parametrize("grid", [8, 14])
-def test_mask_matches_beit_loop(grid):
-    reference = beit_reference_ratio(grid, 0.3, 1500, random.Random(0))
-    vectorised = BlockMaskGenerator(grid, (0.3,), (0.0,))(1500, gen()).float().mean().item()
-    assert abs(vectorised - reference) < 0.005
 
 
 # ----------------------------------------------------------------------------------------------------- synthetic
@@ -309,6 +106,13 @@ def test_fashion_mnist_corrupt_gzip_and_labels(tmp_path, no_system_fashion):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8), 2049)))
     with pytest.raises(DatasetError, match="must hold 5 labels"):
         load_dataset("fashion_mnist", str(tmp_path), "test")
+
+
+def test_fashion_mnist_missing_test_file_stops_loading_the_train_split(tmp_path, no_system_fashion):
+    write_fashion(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match="could not download .*t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion_mnist", str(tmp_path), "train")  # before training, not at the first k-NN
 
 
 @pytest.mark.skipif(not Path(data.FASHION_MNIST_SYSTEM_DIR, "t10k-labels-idx1-ubyte.gz").exists(),
@@ -408,6 +212,32 @@ def test_cifar10_parse_and_cache(tmp_path, monkeypatch):
     assert test.labels.tolist() == batches["test_batch"][b"labels"]
     archive.unlink()  # the cache alone now serves both splits
     assert torch.equal(load_dataset("cifar10", str(tmp_path), "train").images, train.images)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train_labels", lambda t: t.clone().fill_(10),
+     r"'train_labels' must be 20 int64 labels in \[0, 10\), got .* in \[10, 10\]"),
+    ("test_labels", lambda t: t.float(), r"'test_labels' must be 4 int64 labels"),
+    ("train_images", lambda t: t.float(), r"'train_images' must be a uint8 \(n, 3, 32, 32\) tensor, got torch.float32"),
+    ("test_images", lambda t: t[:, :, :16], r"'test_images' must be a uint8 \(n, 3, 32, 32\) tensor"),
+    ("test_labels", lambda t: t[:3], r"'test_labels' must be 4 int64 labels"),
+    ("train_images", None, r"'train_images' must be"),
+])
+def test_cifar_cache_contents_are_checked(tmp_path, monkeypatch, key, value, message):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar(archive)
+    use_md5_of(monkeypatch, "cifar10", archive)
+    load_dataset("cifar10", str(tmp_path), "train")  # builds the cache
+    cache = tmp_path / "cifar10.pt"
+    tensors = torch.load(cache)
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value(tensors[key])
+    torch.save(tensors, cache)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("cifar10", str(tmp_path), "test")
+    assert f"cache {cache}" in str(error.value) and "delete it to rebuild" in str(error.value)
 
 
 def test_cifar100_fine_labels(tmp_path, monkeypatch):
@@ -520,9 +350,12 @@ def test_image_folder_train_and_test(tmp_path):
     write_tree(tmp_path)
     train = load_dataset("folder", str(tmp_path), "train", image_size=16)
     assert len(train) == 4 and train.num_classes == 2 and train.labels.tolist() == [0, 0, 1, 1]
-    image, label = train[3]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 1
-    assert torch.equal(image, torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16))
+    canvas, size, label = train[3]  # a 40 x 30 image, whole (never upsampled), at the top left of the canvas
+    L = data.FOLDER_LONG_SIDE
+    assert canvas.shape == (3, L, L) and canvas.dtype == torch.uint8 and label == 1 and size.tolist() == [30, 40]
+    colour = torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1)
+    assert torch.equal(canvas[:, :30, :40], colour.expand(3, 30, 40))
+    assert canvas[:, 30:].eq(0).all() and canvas[:, :, 40:].eq(0).all()
     test = load_dataset("folder", str(tmp_path), "test", image_size=16)
     assert test.resize == 18 and test[0][0].shape == (3, 16, 16) and train.resize == 16
     assert load_dataset("folder", str(tmp_path), "train", image_size=16, evaluation=True).resize == 18  # k-NN features
@@ -538,16 +371,16 @@ def test_image_folder_eval_protocol_crops_the_border(tmp_path):
         image.save(tmp_path / split / "a" / "0.png")
     test_image = load_dataset("folder", str(tmp_path), "test", image_size=56)[0][0]  # 64 -> 64, centre crop 56
     assert torch.equal(test_image, torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 56, 56))
-    train_image = load_dataset("folder", str(tmp_path), "train", image_size=56)[0][0]  # 64 -> 56: border kept
-    assert train_image[0, 0, 0] > 200 and train_image[0, 28, 28] == 0
+    train_image, size, _ = load_dataset("folder", str(tmp_path), "train", image_size=56)[0]  # whole: border kept
+    assert size.tolist() == [64, 64] and train_image[0, 0, 0] == 255 and train_image[2, 32, 32] == 255
 
 
 def test_image_folder_errors(tmp_path):
     write_tree(tmp_path)
     bad = tmp_path / "val" / "cat" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    test = load_dataset("folder", str(tmp_path), "test", image_size=16)
-    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+    test = load_dataset("folder", str(tmp_path), "test", image_size=16, strict=True)
+    with pytest.raises(DatasetError, match=f"^cannot read image {bad}: "):
         test[[path for path, _ in test.samples].index(str(bad))]
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(DatasetError, match="same class folders.*bird"):
@@ -602,3 +435,155 @@ def test_normalize_images():
     assert resized.shape == (2, 3, 16, 16)
     torch.testing.assert_close(resized, out[:, :, :16, :16])
     assert normalize_images(images, 48).shape == (2, 3, 48, 48)
+
+
+def write_jpeg_tree(root: Path, sizes=((500, 375), (375, 500), (120, 90)), classes=("a", "b")) -> None:
+    """A train/val tree of noisy JPEGs (quality 90) of the given (width, height) sizes in every class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                pixels = rng.integers(40, 216, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+                Image.fromarray(pixels).resize((w, h), Image.BICUBIC).save(root / split / name / f"{i}.jpg",
+                                                                           quality=90)
+
+
+def test_draft_decoding_matches_the_slow_path(tmp_path):
+    from PIL import Image
+
+    write_jpeg_tree(tmp_path, sizes=((500, 375), (375, 500), (641, 479), (120, 90)), classes=("a",))
+    for path in sorted((tmp_path / "train" / "a").iterdir()):
+        for long_side in (96, 224, 320, 448):
+            fast = data.decode_image(str(path), long_side)
+            with Image.open(path) as image:  # full decode, one bicubic resize of the whole image
+                w, h = image.size
+                scale = min(1.0, long_side / max(w, h))
+                slow = np.asarray(image.convert("RGB").resize((round(w * scale), round(h * scale)), Image.BICUBIC))
+            assert abs(fast.shape[0] - slow.shape[0]) <= 1 and abs(fast.shape[1] - slow.shape[1]) <= 1
+            assert max(fast.shape[:2]) == min(long_side, max(w, h))  # never upsampled
+            assert np.abs(fast.astype(float) - slow.astype(float)).mean() < 6  # same picture (8-bit levels)
+
+
+def test_unreadable_images_are_skipped_listed_once_or_stop_strict(tmp_path):
+    write_jpeg_tree(tmp_path)
+    bad = tmp_path / "train" / "a" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated JPEG
+    listing = tmp_path / "bad_images.txt"
+    train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))
+    index = [path for path, _ in train.samples].index(str(bad))
+    canvas, size, label = train[index]  # replaced by the next readable image of its class
+    next_canvas, next_size, next_label = train[index + 1]
+    assert torch.equal(canvas, next_canvas) and torch.equal(size, next_size) and label == next_label == 0
+    train[index]
+    again = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))  # e.g. after a resume
+    again[index]
+    assert data.read_bad_images(str(listing)) == [str(bad)]  # listed once
+    last = index + 1  # the last image of class a is bad too: its replacement wraps to the class's first one
+    (tmp_path / "train" / "a" / "2.jpg").write_bytes(b"not an image")
+    assert torch.equal(train[last][0], train[index - 1][0]) and train[last][2] == 0
+    assert data.read_bad_images(str(listing)) == [str(bad), str(tmp_path / "train" / "a" / "2.jpg")]
+    strict = load_dataset("folder", str(tmp_path), "train", strict=True, bad_images_file=str(listing))
+    with pytest.raises(DatasetError, match=f"^cannot read image {bad}: "):
+        strict[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_strict_error_from_a_worker_is_one_line(tmp_path, workers):
+    write_jpeg_tree(tmp_path, sizes=((60, 40), (40, 60)))
+    bad = tmp_path / "train" / "b" / "0.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    strict = load_dataset("folder", str(tmp_path), "train", strict=True)
+    with pytest.raises(DatasetError) as error:
+        list(data.load_batches(strict, [[0, 1], [2, 3]], num_workers=workers))
+    assert str(error.value).startswith(f"cannot read image {bad}: ") and "\n" not in str(error.value)
+
+
+def test_folder_batches_canvases_and_gpu_decode_fallback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "FOLDER_LONG_SIDE", 448)  # 500 x 375 images are scaled down, 120 x 90 ones not
+    write_jpeg_tree(tmp_path)
+    train = load_dataset("folder", str(tmp_path), "train")
+    images, sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    L = data.FOLDER_LONG_SIDE
+    assert images.shape == (4, 3, L, L) and sizes.tolist() == [[336, 448], [448, 336], [90, 120], [90, 120]]
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # as on the CPU machines: not importable
+    monkeypatch.setattr(data, "_NOTES_PRINTED", set())
+    again = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu"), gpu_decode=True))
+    assert torch.equal(again[0], images) and torch.equal(again[1], sizes)
+    assert "note: gpu_decode:" in capsys.readouterr().out
+    assert data._gpu_decode_unavailable(torch.device("cuda")).startswith("torchvision cannot be imported")
+
+
+def test_gpu_decode_path_with_a_stand_in_decoder(tmp_path, monkeypatch):
+    """The batched decode path (canvas, sizes, per-file fallback) on the CPU, with decode_jpeg played by Pillow."""
+    import sys
+    import types
+    from PIL import Image
+
+    def decode_jpeg(raw, mode=None, device=None):
+        if isinstance(raw, list):
+            return [decode_jpeg(r, mode, device) for r in raw]
+        with Image.open(io.BytesIO(raw.numpy().tobytes())) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
+    fake_io = types.SimpleNamespace(decode_jpeg=decode_jpeg, ImageReadMode=types.SimpleNamespace(RGB="RGB"))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=fake_io))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake_io)
+    monkeypatch.setattr(data, "_gpu_decode_unavailable", lambda device: None)
+    monkeypatch.setattr(data, "FOLDER_LONG_SIDE", 448)
+    write_jpeg_tree(tmp_path)
+    (tmp_path / "train" / "b" / "1.jpg").write_bytes(b"broken")  # index 4: replaced by index 5 on the CPU path
+    train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(tmp_path / "bad.txt"))
+    gpu_images, gpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 4]], torch.device("cpu"), gpu_decode=True))
+    cpu_images, cpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    assert torch.equal(gpu_sizes, cpu_sizes)
+    assert torch.equal(gpu_images[3], cpu_images[3])  # the broken file went through the CPU path
+    assert (gpu_images.float() - cpu_images.float()).abs().mean() < 3  # another resampler, the same pictures
+    assert data.read_bad_images(str(tmp_path / "bad.txt")) == [str(tmp_path / "train" / "b" / "1.jpg")]
+
+
+def test_check_dataset_finds_a_class_folder_without_images(tmp_path):
+    write_tree(tmp_path)
+    for f in (tmp_path / "val" / "dog").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=f"class folder {tmp_path / 'val' / 'dog'} holds no image"):
+        check_dataset("folder", str(tmp_path))
+
+
+def folder_training_flags(root: Path, out: Path) -> list[str]:
+    from conftest import TINY
+
+    flags = [f for f in TINY if f not in ("synthetic", "--synthetic_size", "512")]
+    flags[flags.index("--dataset") + 1:flags.index("--dataset") + 1] = ["folder"]
+    return flags + ["--data_path", str(root), "--output_dir", str(out), "--batch_size_per_gpu", "8", "--epochs", "1",
+                    "--class_memory_size", "64", "--patch_memory_size", "64", "--num_workers", "0"]
+
+
+def test_folder_training_runs_skips_a_bad_image_and_strict_stops(tmp_path, monkeypatch):
+    import json
+    import train
+
+    monkeypatch.setattr(data, "FOLDER_LONG_SIDE", 40)  # small canvases keep the CPU test fast
+    write_jpeg_tree(tmp_path / "tree", sizes=[(60 - 3 * i, 45 + 2 * i) for i in range(12)])  # k-NN needs k = 20
+    bad = tmp_path / "tree" / "train" / "b" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    trainer = train.main(folder_training_flags(tmp_path / "tree", tmp_path / "run"))
+    assert trainer.step == 3  # 24 images, global batch 8
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert [path for r in records for path in r.get("bad_images", [])] == [str(bad)]  # logged once
+    assert data.read_bad_images(str(tmp_path / "run" / "bad_images.txt")) == [str(bad)]
+    with pytest.raises(SystemExit) as error:
+        train.main(folder_training_flags(tmp_path / "tree", tmp_path / "strict") + ["--strict_data", "true"])
+    assert str(error.value).startswith(f"error: cannot read image {bad}: ") and "\n" not in str(error.value)
+
+
+def test_bench_data_runs_on_a_few_images(capsys):
+    import bench_data
+
+    results = bench_data.main(["--num_images", "2", "--fidelity_images", "1"])
+    assert set(results["decode_images_per_cpu_second"]) >= {"former_224_square", f"bound_{data.FOLDER_LONG_SIDE}"}
+    assert all(rate > 0 for rate in results["decode_images_per_cpu_second"].values())
+    assert all(math.isfinite(db) for kind in results["crop_psnr_db"].values() for db in kind.values())

@@ -107,3 +107,19 @@ def test_cli_error_has_no_traceback():
     result = subprocess.run([sys.executable, "eval_linear.py", "--pixels", "--dataset", "synthetic",
                              "--val_fraction", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip() == "error: --val_fraction 0.0: must be in (0, 1)"
+
+
+def test_augment_on_an_image_folder_crops_whole_images_from_their_canvases(tmp_path, monkeypatch):
+    from test_data import write_jpeg_tree
+
+    monkeypatch.setattr(data, "FOLDER_LONG_SIDE", 40)  # small canvases keep the CPU test fast
+    write_jpeg_tree(tmp_path, sizes=[(60 - 3 * i, 45 + 2 * i) for i in range(6)])
+    plain = data.load_dataset("folder", str(tmp_path), "train", image_size=16, evaluation=True)
+    canvases = data.load_dataset("folder", str(tmp_path), "train", image_size=16)
+    assert len(canvases[0]) == 3  # (canvas, valid size, label): the training items the --augment crops come from
+    test_set = data.load_dataset("folder", str(tmp_path), "test", image_size=16)
+    backbone = build_backbone("custom", 16, 4, embed_dim=32, depth=2, num_heads=2, use_mask_token=False)
+    result = eval_linear.linear_evaluate(backbone, plain, test_set, torch.device("cpu"), image_size=16, lrs=(0.1,),
+                                         weight_decays=(0.0,), batch_size=4, augment_epochs=2, augment_set=canvases,
+                                         val_fraction=0.25)
+    assert 0 <= result["top1"] <= 100 and math.isfinite(result["val_top1"][0])

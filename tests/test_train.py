@@ -76,10 +76,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
     original = train.Trainer.train_step
 
-    def step_then_signal(self, images, step, rank=0, indices=None):
+    def step_then_signal(self, images, step, *args, **kwargs):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, images, step, rank, indices)
+        return original(self, images, step, *args, **kwargs)
     monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
     handler = signal.getsignal(signal.SIGTERM)
     trainer = train.main(TINY + ["--knn_every", "0", "--log_every", "1000", "--output_dir", str(tmp_path)])
