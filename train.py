@@ -422,7 +422,7 @@ SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_h
 # Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
 # the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
 RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
-                      "num_workers", "device", "compile")
+                      "num_workers", "device", "compile", "strict_data")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on SIGTERM / Ctrl-C after saving; resume to continue
 
 
