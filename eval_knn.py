@@ -177,27 +177,32 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, inte
     return backbone, image_size, config
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser, datasets=data.DATASETS) -> None:
+    """The flags every evaluation script shares: what to evaluate (a checkpoint or raw pixels) and on which data."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="train.py checkpoint or a plain ViT state dict")
     source.add_argument("--pixels", action="store_true", help="baseline: raw pixels as features")
-    parser.add_argument("--dataset", default=None, help=f"one of {data.DATASETS} (default: the checkpoint's)")
+    parser.add_argument("--dataset", default=None, help=f"one of {datasets} (default: the checkpoint's)")
     parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
     parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
     parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
+    parser.add_argument("--interpolate_offset", type=float, default=None,
+                        help="position-embedding resampling at other sizes: 0 exact (ours), 0.1 DINO/iBOT's form "
+                             "(default: the checkpoint's, 0 for plain state dicts)")
     parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: training size)")
     parser.add_argument("--synthetic_size", type=int, default=None,
                         help="synthetic training images (default: the checkpoint's, else 20000)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
     parser.add_argument("--strict_data", action="store_true",
                         help="folder datasets: stop at the first unreadable image (default: skip it with a warning)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
-    parser.add_argument("--interpolate_offset", type=float, default=None,
-                        help="position-embedding resampling at other sizes: 0 exact (ours), 0.1 DINO/iBOT's form "
-                             "(default: the checkpoint's, 0 for plain state dicts)")
     args = parser.parse_args(argv)
     for name, ok, valid in (("batch_size", args.batch_size > 0, "must be > 0"),
                             ("num_workers", args.num_workers >= 0, "must be >= 0"),

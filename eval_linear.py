@@ -227,16 +227,7 @@ def linear_evaluate(backbone, train_set, test_set, device, *, n_last_blocks=4, a
 # ----------------------------------------------------------------------------------------------------- command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="train.py checkpoint or a plain ViT state dict")
-    source.add_argument("--pixels", action="store_true", help="baseline: raw pixels as features")
-    parser.add_argument("--dataset", default=None, help=f"one of {data.DATASETS} (default: the checkpoint's)")
-    parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
-    parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
-    parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
-    parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: training size)")
-    parser.add_argument("--synthetic_size", type=int, default=None,
-                        help="synthetic training images (default: the checkpoint's, else 20000)")
+    eval_knn.add_common_arguments(parser)
     parser.add_argument("--n_last_blocks", type=int, default=None,
                         help="[CLS] of the last n blocks (default 4, DINO's ViT-S choice, or all blocks if fewer)")
     parser.add_argument("--avgpool", action="store_true", help="add the last block's mean patch token (ViT-B recipe)")
@@ -267,7 +258,8 @@ def main(argv=None):
     if args.pixels:
         backbone, image_size, config = None, args.image_size, None
     else:
-        backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size)
+        backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size,
+                                                              args.interpolate_offset)
         if (args.n_last_blocks or 0) > len(backbone.blocks):
             raise SystemExit(f"error: --n_last_blocks {args.n_last_blocks}: the backbone has "
                              f"{len(backbone.blocks)} blocks")

@@ -219,17 +219,8 @@ def check_oxford_paris(name: str, data_path: str) -> None:
 # ----------------------------------------------------------------------------------------------------- command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="train.py checkpoint or a plain ViT state dict")
-    source.add_argument("--pixels", action="store_true", help="baseline: raw pixels as features (class level)")
     valid = (*data.DATASETS, *OXFORD_PARIS)
-    parser.add_argument("--dataset", default=None, help=f"one of {valid} (default: the checkpoint's)")
-    parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
-    parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
-    parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
-    parser.add_argument("--image_size", type=int, default=None, help="class level: evaluation size")
-    parser.add_argument("--synthetic_size", type=int, default=None,
-                        help="synthetic training images (default: the checkpoint's, else 20000)")
+    eval_knn.add_common_arguments(parser, valid)
     parser.add_argument("--imsize", type=int, default=224, help="Oxford/Paris: longer side of every image")
     parser.add_argument("--multiscale", action="store_true", help="Oxford/Paris: scales 1, 1/sqrt 2, 1/2")
     parser.add_argument("--batch_size", type=int, default=256, help="class level: backbone batch")
@@ -245,7 +236,8 @@ def main(argv=None):
         raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
     config = None
     if not args.pixels:
-        backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size)
+        backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size,
+                                                              args.interpolate_offset)
     dataset = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     if dataset is None:
