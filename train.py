@@ -158,8 +158,10 @@ def parse_config(argv: list[str]) -> Config:
     method = values.get("method", Config.method)
     if method in methods.FIELDS:  # an unknown method is named by validate()
         for name in sorted(set(explicit) & methods.METHOD_FIELDS - methods.FIELDS[method]):
-            value = " ".join(map(str, explicit[name])) if isinstance(explicit[name], tuple) else explicit[name]
-            raise ConfigError(f"--{name} {value} has no meaning for --method {method}")
+            value = explicit[name]
+            if value != getattr(Config, name):  # a flag set away from its default that the method ignores
+                value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"--{name} {value} has no meaning for --method {method}")
     return Config(**values)
 
 

@@ -253,6 +253,22 @@ def test_step_gradients_only_reach_the_student(method):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 and not torch.equal(a, p) for a, p in zip(before, protos))
 
 
+def test_separate_patch_layer_and_learnable_gain_out_of_weight_decay():
+    trainer = train.Trainer(config("ibot", "--shared_head", "false", "--norm_last_layer", "false"),
+                            torch.device("cpu"), 1, steps_per_epoch=4)
+    params = dict(trainer.student.named_parameters())
+    assert {"head.prototypes.weight", "head.prototypes.gain", "head.patch_prototypes.weight"} <= set(params)
+    assert set(trainer.teacher.state_dict()) >= {"head.prototypes.gain", "head.patch_prototypes.weight"}
+    no_decay = trainer.optimizer.param_groups[1]["params"]
+    assert any(p is params["head.prototypes.gain"] for p in no_decay)  # FAMILY_SPEC §2(e)3, fixed
+    assert not any(p is params["head.prototypes.weight"] for p in no_decay)
+    assert len(trainer.frozen_params) == 4  # both layers: weights and gains
+    crops = torch.rand(4, 3, 16, 16)
+    cls, patch, cls_logits, patch_logits = trainer.student(crops)
+    torch.testing.assert_close(patch_logits, trainer.student.head.patch_prototypes(patch))
+    torch.testing.assert_close(cls_logits, trainer.student.head.prototypes(cls))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--method", "simclr"], "--method 'simclr': valid: sop, ibot, dino, massl, carp"),
     (["--method", "dino", "--class_anchors", "512"], "--class_anchors 512 has no meaning for --method dino"),
@@ -280,6 +296,7 @@ def test_method_flags_give_one_clear_error(flags, message):
 def test_presets_do_not_count_as_flags_and_sizes_default_per_method():
     cfg = train.parse_config(["--preset", "cpu_demo", "--method", "dino"])  # the preset sets SOP's class_anchors
     assert cfg.method == "dino" and cfg.num_prototypes == 2048
+    assert train.parse_config(["--method", "dino", "--class_anchors", "4096"]).class_anchors == 4096  # = default
     assert train.parse_config(["--method", "dino"]).num_prototypes == 65536
     assert train.parse_config(["--method", "ibot"]).num_prototypes == 8192
     assert train.parse_config(["--method", "massl"]).partition_size == 65536 // 8
