@@ -4,19 +4,22 @@
 #   bash results/compare_cpu.sh               # 3 seeds x 5 methods, synthetic data
 #   SEEDS="0" METHODS="sop ibot" bash results/compare_cpu.sh
 #   bash results/compare_cpu.sh summary       # mean +- std of the final k-NN top-1 over the finished runs
+#   SEEDS=0 EXTRA="--max_steps 78 --knn_every 1" NAME=cpu_demo_synthetic_epoch1 bash results/compare_cpu.sh
+#                                             # smoke test: the first epoch of the same runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"sop ibot dino massl carp"}
 DATASET_FLAGS=${DATASET_FLAGS:-""}  # e.g. "--dataset fashion_mnist --data_path /usr/share/datasets/fashion-mnist"
 NAME=${NAME:-cpu_demo_synthetic}
+EXTRA=${EXTRA:-""}  # more flags for every run
 if [ "${1:-}" != "summary" ]; then
   for seed in $SEEDS; do
     for method in $METHODS; do
       run="$NAME/$method-seed$seed"
       [ -f "results/$run/log.jsonl" ] && continue  # finished before
       nice -n 10 python train.py --preset cpu_demo --method "$method" --seed "$seed" --knn_every 100 \
-        $DATASET_FLAGS --output_dir "runs/compare/$run"
+        $DATASET_FLAGS $EXTRA --output_dir "runs/compare/$run"
       mkdir -p "results/$run" && cp "runs/compare/$run/log.jsonl" "results/$run/log.jsonl"
     done
   done
