@@ -21,15 +21,25 @@ def sop_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.
     teacher_probs (G B, M): the teacher's G = 2 unmasked global views.
     Returns the mean over the G V - G pairs (g, v) with v != g and over the B images of H(q_g, p_v).
     """
+    return cross_view_loss(student_probs.float().clamp_min(LOG_EPS).log(), teacher_probs)
+
+
+def cross_view_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean of H(q_g, p_v) = -sum_c q_g log p_v over the pairs v != g and over images (and blocks, if any).
+
+    student_log_probs (V B, ..., M) log p of all student views; teacher_probs (G B, ..., M) of the G = 2 teacher
+    global views. Shared by SOP (probabilities over SOPs), iBOT/DINO (over prototypes) and MaSSL (within memory
+    blocks, the middle dim), so the pair set and the averaging are written once.
+    """
     G = 2
-    B, M = teacher_probs.shape[0] // G, teacher_probs.shape[1]
-    V = student_probs.shape[0] // B
-    q = teacher_probs.detach().float().view(G, B, M)  # (G, B, M)
-    log_p = student_probs.float().clamp_min(LOG_EPS).log().view(V, B, M)  # (V, B, M)
-    ce = -torch.einsum("gbm,vbm->gvb", q, log_p)  # (G, V, B): H(q_g, p_v) of every pair, image by image
+    B, M = teacher_probs.shape[0] // G, teacher_probs.shape[-1]
+    V = student_log_probs.shape[0] // B
+    q = teacher_probs.detach().float().reshape(G, B, -1, M)  # (G, B, n, M), n = blocks (1 if none)
+    log_p = student_log_probs.float().reshape(V, B, -1, M)  # (V, B, n, M)
+    ce = -torch.einsum("gbnm,vbnm->gvbn", q, log_p)  # (G, V, B, n): H(q_g, p_v) of every pair, image and block
     same_view = torch.eye(G, V, dtype=torch.bool, device=ce.device)  # (G, V): a view never predicts itself
-    ce = ce.masked_fill(same_view.unsqueeze(-1), 0.0)
-    return ce.sum() / (B * (G * V - G))  # paper Eq. (L_SOP): mean over pairs and images
+    ce = ce.masked_fill(same_view[:, :, None, None], 0.0)
+    return ce.sum() / (B * ce.shape[-1] * (G * V - G))  # paper Eq. (L_SOP): mean over pairs and images
 
 
 def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -39,7 +49,16 @@ def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, masks
     Per image: cross-entropy summed over its masked patches over their count (images without a mask give 0 and
     still count); then the mean over images and views.
     """
-    ce = cross_entropy(teacher_probs, student_probs)  # (G B, P)
+    return masked_patch_loss(student_probs.float().clamp_min(LOG_EPS).log(), teacher_probs, masks)
+
+
+def masked_patch_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor,
+                      masks: torch.Tensor) -> torch.Tensor:
+    """Per image, H(q, p) summed over its masked patches over their count; mean over the G B images (SOP, iBOT).
+
+    student_log_probs, teacher_probs (G B, P, M); masks (G B, P) bool, True = masked.
+    """
+    ce = -(teacher_probs.detach().float() * student_log_probs.float()).sum(-1)  # (G B, P)
     m = masks.float()
     per_image = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)  # (G B,), paper Eq. (L_MIM)
     return per_image.mean()

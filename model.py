@@ -196,15 +196,17 @@ class ProjectionHead(nn.Module):
     There is no prototype (last) layer: the memory's support embeddings play that role (memory.py).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256):
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, normalize: bool = True):
         super().__init__()
+        self.normalize = normalize  # False only for CARP's official unnormalised head (methods.CARP)
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
                                  nn.GELU(), nn.Linear(hidden_dim, out_dim))
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., d) unit-norm embeddings."""
-        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        z = self.mlp(x)
+        return F.normalize(z, dim=-1, eps=1e-6) if self.normalize else z
 
 
 class SOPNetwork(nn.Module):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -32,13 +33,14 @@ from tqdm import tqdm
 import augment
 import data
 from eval_knn import knn_evaluate, read_checkpoint
-from losses import sop_loss, sop_mim_loss
+import methods
 from memory import MemoryBank
-from model import ARCHS, ProjectionHead, SOPNetwork, build_backbone
+from model import ARCHS, ProjectionHead, build_backbone
 
 
 @dataclass
 class Config:
+    method: str = "sop"  # sop | ibot | dino | massl | carp (methods.py; the baselines of the paper's comparison)
     # data
     dataset: str = "folder"  # synthetic | cifar10 | cifar100 | fashion_mnist | folder (ImageNet-style tree)
     data_path: str = "data/imagenet"  # dataset root; CIFAR/Fashion-MNIST files are downloaded here when missing
@@ -82,6 +84,14 @@ class Config:
     warmup_teacher_temp_epochs: int = 30
     cls_loss_weight: float = 1.0
     patch_loss_weight: float = 1.0
+    # baselines (methods.py, FAMILY_SPEC); 0 = the method's official default (methods.default_sizes)
+    num_prototypes: int = 0  # K learnable prototypes: ibot 8192, dino 65536, carp 65536
+    norm_last_layer: bool = True  # ibot, dino, carp: prototype gain fixed at 1 (false: learnable, not decayed)
+    shared_head: bool = True  # ibot: one prototype layer for [CLS] and patches, student and teacher (§2(e)1)
+    freeze_last_layer: int = 1  # ibot, dino: epochs with the prototype layer frozen
+    center_momentum: float = 0.9  # ibot, dino: EMA of the teacher-logit centres
+    partition_size: int = 0  # NB, block size of the random partitions: massl class_memory_size // 8, carp 512
+    carp_cosine: bool = True  # carp: unit-norm head + temperatures; false = official unnormalised head (§5(e)7)
     # optimisation (spec §1.5, Decision 9)
     epochs: int = 100
     batch_size_per_gpu: int = 128
@@ -104,6 +114,11 @@ class Config:
     log_every: int = 20  # steps between progress updates (the only host syncs of the loop)
     max_steps: int = 0  # stop after this many steps of this run (with a checkpoint); 0 = to the end
 
+    def __post_init__(self):  # sizes left at 0: the method's official default, resolved here so logs show it
+        for name, value in methods.default_sizes(self.method, self.class_memory_size).items():
+            if getattr(self, name) == 0:
+                setattr(self, name, value)
+
 
 PRESETS = {
     # README quick start: synthetic data, a 4-block ViT at patch 8, about 4 minutes on a 2-core CPU. Tuned on that
@@ -115,7 +130,8 @@ PRESETS = {
                      head_hidden_dim=256, out_dim=64, class_memory_size=2560, patch_memory_size=1024,
                      class_anchors=1024, class_neighbors=4, class_draws=1, patch_anchors=128, patch_loss_weight=0.0,
                      teacher_temp=0.04, epochs=12, batch_size_per_gpu=128, lr=4e-3, warmup_epochs=1,
-                     momentum_teacher=0.99, knn_every=3, log_every=10, output_dir="runs/cpu_demo"),
+                     momentum_teacher=0.99, knn_every=3, log_every=10, output_dir="runs/cpu_demo",
+                     num_prototypes=2048, partition_size=256),  # baselines: 8 CARP blocks, 10 MaSSL blocks
     # One GPU, 32 px images, ViT at patch 4 (8 x 8 tokens); local crops 16 px (4 x 4).
     "cifar": dict(dataset="cifar10", data_path="data", global_crops_size=32, local_crops_size=16,
                   local_crops_number=6, blur_sigma=(0.1, 0.5), arch="vit_small", patch_size=4,
@@ -145,8 +161,16 @@ def parse_config(argv: list[str]) -> Config:
             parser.add_argument(f"--{field.name}", type=kind, help=f"(default {default})")
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset]) if args.preset else {}
-    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                   if k != "preset" and v is not None})
+    explicit = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+                if k != "preset" and v is not None}
+    values.update(explicit)
+    method = values.get("method", Config.method)
+    if method in methods.FIELDS:  # an unknown method is named by validate()
+        for name in sorted(set(explicit) & methods.METHOD_FIELDS - methods.FIELDS[method]):
+            value = explicit[name]
+            if value != getattr(Config, name):  # a flag set away from its default that the method ignores
+                value = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"--{name} {value} has no meaning for --method {method}")
     return Config(**values)
 
 
@@ -191,6 +215,7 @@ def validate(cfg: Config, world_size: int) -> None:
                                                                 ("embed_dim", "depth", "num_heads") else ""))
     need(cfg.epochs <= MAX_EPOCHS, "epochs", f"valid: 1 to {MAX_EPOCHS}")
     need(cfg.synthetic_size <= MAX_SYNTHETIC_SIZE, "synthetic_size", f"valid: 1 to {MAX_SYNTHETIC_SIZE} images")
+    need(cfg.method in methods.FIELDS, "method", f"valid: {', '.join(methods.FIELDS)}")
     need(cfg.dataset in data.DATASETS, "dataset", f"valid: {', '.join(data.DATASETS)}")
     need(cfg.dataset != "synthetic" or cfg.synthetic_size > 0, "synthetic_size", "must be > 0")
     need(cfg.arch in (*ARCHS, "custom"), "arch", f"valid: {', '.join([*ARCHS, 'custom'])}")
@@ -210,8 +235,23 @@ def validate(cfg: Config, world_size: int) -> None:
     for r, v in zip(cfg.pred_ratio, cfg.pred_ratio_var):
         need(0 <= r - v and r + v < 1, "pred_ratio", "every ratio +- its var must lie in [0, 1)")
     global_batch = cfg.batch_size_per_gpu * world_size
+    if cfg.method == "massl":
+        need(cfg.class_memory_size >= global_batch, "class_memory_size",
+             f"must hold at least one global batch ({global_batch} images)")
+    blocks_of = {"massl": "class_memory_size", "carp": "num_prototypes"}.get(cfg.method)
+    if blocks_of:  # random partitions: every row in exactly one block, each block a real softmax
+        size = getattr(cfg, blocks_of)
+        need(2 <= cfg.partition_size <= size and size % cfg.partition_size == 0, "partition_size",
+             f"must be >= 2 and divide --{blocks_of} {size}")
+    if cfg.method in ("ibot", "dino", "carp"):
+        need(cfg.num_prototypes > 0, "num_prototypes", "must be > 0")
+    if cfg.method in ("ibot", "dino"):
+        need(cfg.freeze_last_layer >= 0, "freeze_last_layer", "must be >= 0")
+        need(0 <= cfg.center_momentum < 1, "center_momentum", "valid: 0 <= momentum < 1")
     for memory, anchors, neighbors in (("class_memory_size", "class_anchors", "class_neighbors"),
                                        ("patch_memory_size", "patch_anchors", "patch_neighbors")):
+        if cfg.method != "sop":
+            break
         size = getattr(cfg, memory)
         need(size >= global_batch, memory, f"must hold at least one global batch ({global_batch} images)")
         need(getattr(cfg, anchors) > 0, anchors, "must be > 0")
@@ -307,17 +347,24 @@ class Trainer:
                                                      cfg.pred_ratio_var)
 
         # Student (drop path, mask token) and teacher: a copy without either, never trained by gradients.
-        def network(student: bool) -> SOPNetwork:
+        def network(student: bool) -> nn.Module:
             backbone = build_backbone(cfg.arch, cfg.global_crops_size, cfg.patch_size,
-                                      cfg.drop_path_rate if student else 0.0, use_mask_token=student,
+                                      cfg.drop_path_rate if student else 0.0,
+                                      use_mask_token=student and methods.METHODS[cfg.method].uses_masks,
                                       embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
-            return SOPNetwork(backbone, ProjectionHead(backbone.embed_dim, cfg.head_hidden_dim, cfg.out_dim))
+            head = ProjectionHead(backbone.embed_dim, cfg.head_hidden_dim, cfg.out_dim,
+                                  normalize=cfg.method != "carp" or cfg.carp_cosine)
+            return methods.build_network(cfg, backbone, head)  # + a prototype layer for ibot, dino, carp
         torch.manual_seed(cfg.seed)  # identical networks and initial memories on every rank
         self.student, self.teacher = network(True).to(device), network(False).to(device)
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)  # all but the mask token (§1.2)
         self.teacher.requires_grad_(False)
-        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim).to(device)
-        self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.out_dim).to(device)
+        # What differs between SOP and the baselines: memories or centres, the losses (methods.py)
+        self.method = methods.build_method(cfg).to(device)
+        # iBOT/DINO: the student's prototype layer gets no update during the first freeze_last_layer epochs
+        frozen = cfg.method in ("ibot", "dino") and cfg.freeze_last_layer > 0
+        self.freeze_steps = cfg.freeze_last_layer * steps_per_epoch if frozen else 0
+        self.frozen_params = [p for n, p in self.student.named_parameters() if "prototypes." in n]
 
         # Weight decay on weights, not on biases and norms (DINO's rule: >= 2-D tensors, so cls_token and
         # pos_embed are decayed too).
@@ -346,7 +393,6 @@ class Trainer:
         Returns, on the device, (loss, loss_cls, loss_patch, teacher entropy, teacher [CLS] std): no host sync.
         """
         cfg, sched = self.cfg, self.schedules
-        B = images.shape[0]
         # ---- schedules (spec §1.5); this step's random streams are all seeded from (seed, step)
         teacher_temp, momentum = float(sched["teacher_temp"][step]), float(sched["momentum"][step])
         for i, group in enumerate(self.optimizer.param_groups):
@@ -355,36 +401,28 @@ class Trainer:
                 group["weight_decay"] = float(sched["weight_decay"][step])
         torch.manual_seed(seed_for(cfg.seed, step, 1, rank))  # drop path and patch choice, own stream per rank
         gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 2, rank))
-        anchor_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 3))  # same on every rank
+        anchor_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 3))  # same on every rank:
+        # SOP anchors, MaSSL/CARP partitions
 
         # ---- multi-crop views and block masks, batched on the device (augment.py)
         global_crops, local_crops = self.augment(images, gen, sizes)  # (2B, 3, G, G), (V_l B, 3, l, l)
-        masks = self.make_masks(global_crops.shape[0], gen)  # (2B, P), True = masked
+        masks = self.make_masks(global_crops.shape[0], gen) if self.method.uses_masks else None  # (2B, P) or None
 
         # ---- teacher on the unmasked global crops; student on masked globals and all locals
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != "fp32"):
             with torch.no_grad():
-                teacher_cls, teacher_patch = self.teacher_forward(global_crops)  # (2B, d), (2B, P, d)
-            student_cls, student_patch = self.student_forward(global_crops, masks, local_crops)  # ((2+V_l)B, d)
+                teacher = self.teacher_forward(global_crops)  # cls (2B, d), patch (2B, P, d)[, their logits]
+            student = self.student_forward(global_crops, masks, local_crops)  # cls ((2 + V_l) B, d), patch, ...
 
-        # ---- SOP loss on [CLS], averaged over T_C draws of M_C prototypes (spec §3.1)
-        loss_cls, entropy = 0.0, 0.0
-        for _ in range(cfg.class_draws):
-            sops = self.class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, anchor_gen)
-            teacher_probs = sops.probabilities(teacher_cls, teacher_temp)  # (2B, M_C)
-            student_probs = sops.probabilities(student_cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
-            loss_cls = loss_cls + sop_loss(student_probs, teacher_probs) / cfg.class_draws
-            mean_probs = teacher_probs.mean(0)  # (M_C,) collapse monitor: a collapsed teacher has low entropy
-            entropy = entropy - (mean_probs * mean_probs.clamp_min(1e-12).log()).sum() / cfg.class_draws
-        # ---- SOP-MIM loss on the masked patches of the global crops (spec §3.2)
-        psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, anchor_gen)
-        loss_patch = sop_mim_loss(psops.probabilities(student_patch, cfg.student_temp),
-                                  psops.probabilities(teacher_patch, teacher_temp), masks)
-        loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # spec §3.3
+        # ---- the losses: SOP loss on [CLS] + SOP-MIM loss on masked patches (methods.SOP, spec §3), or a baseline's
+        loss, loss_cls, loss_patch, entropy = self.method.loss(student, teacher, masks, teacher_temp, anchor_gen)
 
         # ---- backward, per-parameter clipping, AdamW, EMA teacher (spec §1.4)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if step < self.freeze_steps:  # iBOT/DINO: a None gradient makes AdamW skip the prototypes, decay included
+            for p in self.frozen_params:
+                p.grad = None
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.params, cfg.clip_grad)
@@ -393,32 +431,39 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_teacher, self.ema_student, 1.0 - momentum)  # t <- m t + (1 - m) s
 
-        # ---- memories: enqueued only now, after the losses read them (spec §1.4, §8.4; Decision 3)
+        # ---- the method's state after the losses read it: memory enqueue (spec §1.4, Decision 3) or centre update
         with torch.no_grad():
-            second_view = slice(B, 2 * B)
-            self.class_memory.enqueue(teacher_cls[second_view], indices)
-            pick = torch.randint(teacher_patch.shape[1], (B,), device=self.device)  # one random patch per image
-            self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=self.device), pick], indices)
-            cls_std = F.normalize(teacher_cls.float(), dim=1).std(0).mean()  # collapse monitor: -> 0 if collapsed
+            self.method.update(teacher, indices)
+            cls_std = F.normalize(teacher[0].float(), dim=-1).std(0).mean()  # collapse monitor: -> 0 if collapsed
             return torch.stack((loss, loss_cls, loss_patch, entropy, cls_std)).detach()
 
+    @property
+    def class_memory(self) -> MemoryBank:  # SOP and MaSSL
+        return self.method.class_memory
+
+    @property
+    def patch_memory(self) -> MemoryBank:  # SOP
+        return self.method.patch_memory
+
     def state_dict(self) -> dict:
+        # The method's state under its parts' names: SOP class_memory, patch_memory; MaSSL class_memory; iBOT/DINO
+        # centers; CARP nothing (its prototype layer is in the networks).
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "class_memory": self.class_memory.state_dict(), "patch_memory": self.patch_memory.state_dict()}
+                **{name: part.state_dict() for name, part in self.method.named_children()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.class_memory.load_state_dict(state["class_memory"])
-        self.patch_memory.load_state_dict(state["patch_memory"])
+        for name, part in self.method.named_children():
+            part.load_state_dict(state[name])
 
 
 STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_cls_std")
 SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_hidden_dim", "out_dim",
-                "global_crops_size", "class_memory_size", "patch_memory_size")
+                "global_crops_size", "class_memory_size", "patch_memory_size", "method", "num_prototypes")
 # Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
 # the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
 RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
@@ -463,7 +508,7 @@ def save_checkpoint(path: str, state: dict) -> None:
 def check_finite_state(trainer: "Trainer", step: int, ckpt_path: str) -> None:
     """Refuse to save non-finite networks or memories: the loss is checked before each update, so a diverging last
     update (e.g. --lr inf) would otherwise write NaN weights over the last good checkpoint. One host sync."""
-    tensors = [t for module in (trainer.student, trainer.teacher, trainer.class_memory, trainer.patch_memory)
+    tensors = [t for module in (trainer.student, trainer.teacher, trainer.method)  # networks, memories, centres
                for t in module.state_dict().values() if t.is_floating_point()]
     if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
         raise CheckpointError(f"non-finite weights or memories after step {step} (the update diverged: lower --lr?); "
@@ -481,13 +526,13 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
         raise CheckpointError(f"{path} is not a train.py checkpoint (no config)")
     saved = ckpt["config"]
     for name in SHAPE_FIELDS:
-        if saved.get(name) != getattr(cfg, name):
+        if saved.get(name, getattr(Config(), name)) != getattr(cfg, name):  # default: from before the field
             raise CheckpointError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained "
                                   f"with {saved.get(name)!r}; use that value or another --output_dir")
     step = ckpt.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
-    missing = [k for k in ("student", "teacher", "optimizer", "scaler", "class_memory", "patch_memory")
+    missing = [k for k in ("student", "teacher", "optimizer", "scaler")
                if not isinstance(ckpt.get(k), dict)]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a complete train.py checkpoint")

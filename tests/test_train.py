@@ -92,13 +92,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     flags = TINY + ["--knn_every", "0", "--output_dir", str(tmp_path)]
     train.main(flags + ["--epochs", "2", "--max_steps", "16"])  # one good epoch and its checkpoint
     saved = (tmp_path / "checkpoint.pth").read_bytes()
-    original, calls = train.sop_mim_loss, []
+    original, calls = train.methods.sop_mim_loss, []
 
     def poisoned(*args):  # the third step after resuming (step 18) gets a NaN loss
         calls.append(1)
         loss = original(*args)
         return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(train, "sop_mim_loss", poisoned)
+    monkeypatch.setattr(train.methods, "sop_mim_loss", poisoned)
     with pytest.raises(SystemExit, match="non-finite loss at step 18"):
         train.main(flags)
     assert (tmp_path / "checkpoint.pth").read_bytes() == saved

@@ -1,0 +1,321 @@
+"""What differs between SOP and the methods it is compared with: one flat object per method (FAMILY_SPEC §1-6).
+
+Everything else (crops, masks, schedules, AdamW, clipping, the EMA teacher, the loop) is shared in train.py. A method
+object owns its state (memories, centres; learnable prototype layers live in the networks, so DDP, AdamW and the EMA
+treat them like any weight), turns the networks' outputs into the losses with `loss(...)`, and updates its state
+after the optimizer step with `update(...)`:
+
+    SOP    self-organizing prototypes drawn from FIFO memories of teacher embeddings (the paper; spec §2, §3)
+    IBOT   learnable prototype layer, centring + sharpening, [CLS] and masked-patch losses (FAMILY_SPEC §2)
+    DINO   iBOT's [CLS] part alone (FAMILY_SPEC §3)
+    MaSSL  the class memory split into random blocks, one softmax per block (FAMILY_SPEC §4)
+    CARP   learnable prototypes split into random blocks, consistency + uniformity (FAMILY_SPEC §5)
+
+`loss(student, teacher, masks, teacher_temp, generator)` gets the networks' output tuples (cls ((2 + V_l) B, d) and
+patch (2B, P, d) embeddings, then, for methods with a prototype layer, their logits) and returns
+(loss, loss_cls, loss_patch, teacher_entropy); `generator` is seeded from (seed, step) and identical on every rank.
+Shapes follow the legend in model.py; K = learnable prototypes or memory rows split into blocks, NB = block size.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses import cross_view_loss, masked_patch_loss, sop_loss, sop_mim_loss
+from memory import MemoryBank
+from model import SOPNetwork
+
+# Config fields that only some methods read; every other field is shared. A flag given on the command line for a
+# method that ignores it is an error (train.parse_config).
+FIELDS = {
+    "sop": {"class_memory_size", "patch_memory_size", "class_anchors", "class_neighbors", "class_draws",
+            "patch_anchors", "patch_neighbors", "smoothing", "pred_ratio", "pred_ratio_var", "cls_loss_weight",
+            "patch_loss_weight"},
+    "ibot": {"num_prototypes", "norm_last_layer", "shared_head", "freeze_last_layer", "center_momentum",
+             "pred_ratio", "pred_ratio_var", "cls_loss_weight", "patch_loss_weight"},
+    "dino": {"num_prototypes", "norm_last_layer", "freeze_last_layer", "center_momentum"},
+    "massl": {"class_memory_size", "partition_size"},
+    "carp": {"num_prototypes", "norm_last_layer", "partition_size", "carp_cosine"},
+}
+METHOD_FIELDS = set().union(*FIELDS.values())
+
+
+def default_sizes(method: str, class_memory_size: int) -> dict:
+    """The official defaults of num_prototypes K and partition_size NB, for Config fields left at 0."""
+    return {"ibot": dict(num_prototypes=8192), "dino": dict(num_prototypes=65536),
+            "massl": dict(partition_size=max(class_memory_size // 8, 1)),  # README: 131072 rows / 16384 = 8 blocks
+            "carp": dict(num_prototypes=65536, partition_size=512)}.get(method, {})
+
+
+def build_network(cfg, backbone: nn.Module, head: nn.Module) -> SOPNetwork:
+    """The student or teacher network: a prototype layer after the head for iBOT, DINO and CARP."""
+    if cfg.method not in ("ibot", "dino", "carp"):
+        return SOPNetwork(backbone, head)
+    patch = cfg.method == "ibot"
+    patch_prototypes = None if (not patch or cfg.shared_head) else PrototypeLayer(cfg.out_dim, cfg.num_prototypes,
+                                                                               cfg.norm_last_layer)
+    return PrototypeNetwork(backbone, head, PrototypeLayer(cfg.out_dim, cfg.num_prototypes, cfg.norm_last_layer),
+                            patch, patch_prototypes)
+
+
+def build_method(cfg) -> nn.Module:
+    return METHODS[cfg.method](cfg)
+
+
+def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of the teacher's batch-mean distribution (..., M) over rows (dim 0), averaged over blocks if any.
+
+    The same collapse monitor for every method: a teacher that sends every image to one target has entropy 0.
+    """
+    mean_probs = teacher_probs.float().mean(0)  # (..., M)
+    return -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+class SOP(nn.Module):
+    """The paper: [CLS] and patch memories, SOPs drawn from them each step (spec §2, §3)."""
+    uses_masks = True  # the student sees block-masked global crops
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim)
+        self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.out_dim)
+
+    def loss(self, student, teacher, masks, teacher_temp, generator):
+        cfg = self.cfg
+        (student_cls, student_patch), (teacher_cls, teacher_patch) = student, teacher
+        # ---- SOP loss on [CLS], averaged over T_C draws of M_C prototypes (spec §3.1)
+        loss_cls, entropy = 0.0, 0.0
+        for _ in range(cfg.class_draws):
+            sops = self.class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, generator)
+            teacher_probs = sops.probabilities(teacher_cls, teacher_temp)  # (2B, M_C)
+            student_probs = sops.probabilities(student_cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
+            loss_cls = loss_cls + sop_loss(student_probs, teacher_probs) / cfg.class_draws
+            entropy = entropy + teacher_entropy(teacher_probs) / cfg.class_draws
+        # ---- SOP-MIM loss on the masked patches of the global crops (spec §3.2)
+        psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, generator)
+        loss_patch = sop_mim_loss(psops.probabilities(student_patch, cfg.student_temp),
+                                  psops.probabilities(teacher_patch, teacher_temp), masks)
+        loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # spec §3.3
+        return loss, loss_cls, loss_patch, entropy
+
+    @torch.no_grad()
+    def update(self, teacher, indices: torch.Tensor | None = None) -> None:
+        """Memories are enqueued only now, after the losses read them (spec §1.4, §8.4; Decision 3). indices (B,):
+        the images' dataset indices, kept beside their memory rows (visualize.py)."""
+        teacher_cls, teacher_patch = teacher[:2]
+        B = teacher_cls.shape[0] // 2
+        second_view = slice(B, 2 * B)
+        self.class_memory.enqueue(teacher_cls[second_view], indices)
+        pick = torch.randint(teacher_patch.shape[1], (B,), device=teacher_patch.device)  # one random patch per image
+        self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick],
+                                  indices)
+
+
+# ---------------------------------------------------------------------------------------------- learnable prototypes
+class PrototypeLayer(nn.Module):
+    """Weight-normalised linear without bias (DINO/iBOT's `last_layer`): logit_k = g_k <v_k / |v_k|, z> (§2(f)).
+
+    The gain g is fixed at 1 when norm_last_layer; otherwise it is a learnable 1-D tensor, so AdamW's rule keeps it
+    out of weight decay (the official (K, 1) gain is decayed: FAMILY_SPEC §2(e)3, fixed here).
+    """
+
+    def __init__(self, dim: int, num_prototypes: int, norm_last_layer: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_prototypes, dim))  # (K, d) rows v_k
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init, as the official layer (§2(e)3)
+        self.gain = None if norm_last_layer else nn.Parameter(torch.ones(num_prototypes))  # (K,)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., d) -> logits (..., K)."""
+        logits = z @ F.normalize(self.weight, dim=1).T  # (..., K)
+        return logits if self.gain is None else logits * self.gain
+
+
+class PrototypeNetwork(SOPNetwork):
+    """SOPNetwork with a prototype layer after the head, inside the one forward that DDP wraps.
+
+    The layer is registered under the head (keys `head.prototypes.*`, like iBOT's `head.last_layer`), so
+    backbone-only loaders skip it. Returns (cls, patch, cls_logits, patch_logits or None).
+    """
+
+    def __init__(self, backbone, head, prototypes: PrototypeLayer, patch: bool,
+                 patch_prototypes: PrototypeLayer | None = None):
+        super().__init__(backbone, head)
+        self.patch = patch  # iBOT: patch logits too; DINO, CARP: [CLS] only
+        head.prototypes = prototypes
+        head.patch_prototypes = patch_prototypes  # iBOT with shared_head false: a second layer for patches
+
+    def forward(self, global_crops, masks=None, local_crops=None):
+        cls, patch = super().forward(global_crops, masks, local_crops)  # ((2 + V_l) B, d), (2B, P, d)
+        if not self.patch:
+            return cls, patch, self.head.prototypes(cls), None
+        patch_layer = self.head.prototypes if self.head.patch_prototypes is None else self.head.patch_prototypes
+        return cls, patch, self.head.prototypes(cls), patch_layer(patch)  # ..., ((2 + V_l) B, K), (2B, P, K)
+
+
+class Centers(nn.Module):
+    """iBOT/DINO centres c (1, K) and c2 (1, 1, K) of the teacher logits: EMA of all-reduced batch means."""
+
+    def __init__(self, num_prototypes: int, patch: bool, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("cls", torch.zeros(1, num_prototypes))
+        self.register_buffer("patch", torch.zeros(1, 1, num_prototypes) if patch else None)
+
+    @torch.no_grad()
+    def update(self, teacher_cls_logits: torch.Tensor, teacher_patch_logits: torch.Tensor | None) -> None:
+        """c <- m c + (1 - m) sum_rows(t) / (2B W); c2 the same over the per-image mean of ALL P patches (§2(a).5)."""
+        sums = [teacher_cls_logits.float().sum(0)]  # (K,)
+        if self.patch is not None:
+            sums.append(teacher_patch_logits.float().mean(1).sum(0))  # (K,)
+        sums = torch.stack(sums)  # (1 or 2, K)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)  # one collective for both centres: every rank gets the same centres
+            world = dist.get_world_size()
+        means = sums / (teacher_cls_logits.shape[0] * world)
+        self.cls.lerp_(means[0].view_as(self.cls), 1 - self.momentum)  # FAMILY_SPEC §2(a).5
+        if self.patch is not None:
+            self.patch.lerp_(means[1].view_as(self.patch), 1 - self.momentum)
+
+
+class IBOT(nn.Module):
+    """iBOT (FAMILY_SPEC §2): centred, sharpened teacher softmax over K learnable prototypes; [CLS] + patches."""
+    uses_masks = True
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.centers = Centers(cfg.num_prototypes, patch=True, momentum=cfg.center_momentum)
+
+    def loss(self, student, teacher, masks, teacher_temp, generator):
+        cfg, c = self.cfg, self.centers
+        student_cls, student_patch = student[2].float(), student[3].float()  # ((2 + V_l) B, K), (2B, P, K)
+        teacher_cls, teacher_patch = teacher[2].float(), teacher[3].float()  # (2B, K), (2B, P, K)
+        # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp (§2(a).4)
+        teacher_probs = ((teacher_cls - c.cls) / teacher_temp).softmax(-1)  # (2B, K)
+        teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
+        loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)  # §2(a).4
+        loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
+                                       masks)  # §2(a).4, same view, masked patches only
+        loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # λ1 L_cls + λ2 L_mim
+        return loss, loss_cls, loss_patch, teacher_entropy(teacher_probs)
+
+    def update(self, teacher, indices=None) -> None:
+        self.centers.update(teacher[2], teacher[3])  # after the loss used the old centres (§2(e)7)
+
+
+class DINO(nn.Module):
+    """DINO (FAMILY_SPEC §3): iBOT's [CLS] term alone, K prototypes, centring and sharpening; no masks."""
+    uses_masks = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.centers = Centers(cfg.num_prototypes, patch=False, momentum=cfg.center_momentum)
+
+    def loss(self, student, teacher, masks, teacher_temp, generator):
+        student_cls, teacher_cls = student[2].float(), teacher[2].float()  # ((2 + V_l) B, K), (2B, K)
+        teacher_probs = ((teacher_cls - self.centers.cls) / teacher_temp).softmax(-1)  # §3(a).4
+        loss = cross_view_loss((student_cls / self.cfg.student_temp).log_softmax(-1), teacher_probs)
+        return loss, loss, torch.zeros_like(loss), teacher_entropy(teacher_probs)
+
+    def update(self, teacher, indices=None) -> None:
+        self.centers.update(teacher[2], None)
+
+
+# ----------------------------------------------------------------------------------- random blocks: MaSSL and CARP
+def random_blocks(size: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random partition of range(size) into size // block_size blocks: (NP, NB) indices (FAMILY_SPEC §4(a).7).
+
+    Drawn from the (seed, step) generator, so every rank draws the same partition without a broadcast (§5(e)4).
+    """
+    perm = torch.randperm(size, generator=generator, device=generator.device)  # (K,)
+    return perm.view(size // block_size, block_size)  # (NP, NB); train.py requires NB | K
+
+
+class MaSSL(nn.Module):
+    """MaSSL (FAMILY_SPEC §4): the class memory's rows, in random blocks, play the prototypes; [CLS] only."""
+    uses_masks = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim)
+
+    def loss(self, student, teacher, masks, teacher_temp, generator):
+        blocks = self.class_memory.memory[random_blocks(self.cfg.class_memory_size, self.cfg.partition_size,
+                                                        generator)]  # (NP, NB, d), the pre-update memory
+        with torch.autocast(blocks.device.type, enabled=False):
+            student_logits = torch.einsum("nd,kcd->nkc", student[0].float(), blocks)  # ((2 + V_l) B, NP, NB)
+            teacher_logits = torch.einsum("nd,kcd->nkc", teacher[0].float(), blocks)  # (2B, NP, NB)
+            teacher_probs = (teacher_logits / teacher_temp).softmax(-1)  # softmax within each block (§4(a).8)
+            loss = cross_view_loss((student_logits / self.cfg.student_temp).log_softmax(-1), teacher_probs)
+        return loss, loss, torch.zeros_like(loss), teacher_entropy(teacher_probs)
+
+    @torch.no_grad()
+    def update(self, teacher, indices=None) -> None:
+        B = teacher[0].shape[0] // 2
+        self.class_memory.enqueue(teacher[0][B:], indices)  # the teacher's second global view only (§4(a).5)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradient over ranks and keeps this rank's slice (§5(a).7)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (W n, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class CARP(nn.Module):
+    """CARP (FAMILY_SPEC §5): learnable prototypes in random blocks; consistency + uniformity, no centring.
+
+    carp_cosine (default): our head's unit-norm embeddings give cosine logits, so student_temp and the teacher_temp
+    schedule sharpen them (a softmax over NB cosines would be nearly uniform, §5(e)7). carp_cosine false: the
+    official form, an unnormalised head and no temperature.
+    """
+    uses_masks = False
+    EPS = torch.finfo(torch.float32).eps  # the official clamp (§5(d))
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def loss(self, student, teacher, masks, teacher_temp, generator):
+        cfg = self.cfg
+        idx = random_blocks(cfg.num_prototypes, cfg.partition_size, generator)  # (NP, NB)
+        student_temp, teacher_temp = (cfg.student_temp, teacher_temp) if cfg.carp_cosine else (1.0, 1.0)
+        p = (student[2].float()[:, idx] / student_temp).softmax(-1)  # ((2 + V_l) B, NP, NB), within each block
+        q = (teacher[2].float()[:, idx] / teacher_temp).softmax(-1).detach()  # (2B, NP, NB)
+        G, B, NP, NB = 2, q.shape[0] // 2, idx.shape[0], idx.shape[1]
+        V = p.shape[0] // B
+        # Consistency: -log P(student view v and teacher view g pick the same prototype of a block) (§5(a).6)
+        agree = torch.einsum("gbkc,vbkc->gvbk", q.view(G, B, NP, NB), p.view(V, B, NP, NB))  # (G, V, B, NP)
+        same_view = torch.eye(G, V, dtype=torch.bool, device=p.device)[:, :, None, None]
+        consistency = -agree.clamp(self.EPS, 1 - self.EPS).log().masked_fill(same_view, 0.0).sum() / (
+            B * NP * (G * V - G))
+        # Uniformity: KL(batch-mean assignment || uniform) per block, the batch gathered over ranks (§5(a).7)
+        rows = torch.cat((p, q))  # ((V + 2) B, NP, NB)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rows = _GatherWithGradient.apply(rows)  # (W (V + 2) B, NP, NB)
+        mean_probs = rows.mean(0)  # (NP, NB)
+        uniformity = (math.log(NB) + (mean_probs * mean_probs.clamp(self.EPS, 1 - self.EPS).log()).sum(-1)).mean()
+        loss = consistency + uniformity  # weight 1, as the official code (§5(a).8)
+        return loss, consistency, torch.zeros_like(loss), teacher_entropy(q)  # uniformity = loss - loss_cls
+
+    def update(self, teacher, indices=None) -> None:
+        pass  # nothing besides the EMA teacher (§5(c))
+
+
+METHODS = {"sop": SOP, "ibot": IBOT, "dino": DINO, "massl": MaSSL, "carp": CARP}
