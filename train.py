@@ -526,6 +526,8 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
         raise CheckpointError(f"{path} is not a train.py checkpoint (no config)")
     saved = ckpt["config"]
     for name in SHAPE_FIELDS:
+        if ignored_by_method(name, cfg.method):
+            continue
         if saved.get(name, getattr(Config(), name)) != getattr(cfg, name):  # default: from before the field
             raise CheckpointError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained "
                                   f"with {saved.get(name)!r}; use that value or another --output_dir")
@@ -539,11 +541,16 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     return ckpt
 
 
+def ignored_by_method(name: str, method: str) -> bool:
+    """Whether a field belongs to some method's objective but not to this one's (e.g. num_prototypes for SOP)."""
+    return name in methods.METHOD_FIELDS and name not in methods.FIELDS.get(method, methods.METHOD_FIELDS)
+
+
 def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
     """{field: (old, new)} for the fields that change the trajectory and differ from the checkpoint's config."""
     changes = {}
     for field in dataclasses.fields(Config):
-        if field.name in RESUME_FREE_FIELDS:
+        if field.name in RESUME_FREE_FIELDS or ignored_by_method(field.name, cfg.method):
             continue
         old, new = saved.get(field.name, field.default), getattr(cfg, field.name)  # older checkpoints: defaults
         if (tuple(old) if isinstance(old, list) else old) != new:

@@ -225,3 +225,15 @@ def test_knn_with_fewer_training_images_than_k_votes_with_all_of_them():
     assert result[20] == everyone[5]
     with pytest.raises(ValueError, match="temperature > 0"):
         eval_knn.knn_classify(train_features, labels, train_features, labels, 2, temperature=0.0)
+
+
+def test_a_checkpoint_from_before_the_method_fields_resumes(tmp_path):
+    """Checkpoints written before --method existed hold no method fields; a preset that sets them for other methods
+    (cpu_demo: num_prototypes, partition_size) must still resume an SOP run."""
+    out, flags = str(tmp_path), ["--preset", "cpu_demo"] + QUIET  # the preset's sizes, TINY's shapes
+    train.main(flags + ["--output_dir", out, "--max_steps", "16"])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    for name in ("method", "num_prototypes", "partition_size", "norm_last_layer", "carp_cosine"):
+        ckpt["config"].pop(name)
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    assert train.main(flags + ["--output_dir", out, "--max_steps", "1"]).step == 17
