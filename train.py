@@ -807,6 +807,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
             save_checkpoint(ckpt_path, {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                                         "elapsed_s": time.time() - run_start, "config": asdict(cfg)})
         if stopping:
+            if dist.is_initialized():
+                dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
             record["stopped_by_signal"] = True
             log_bad_images(record)
             log(record)
