@@ -263,6 +263,9 @@ def main(argv=None) -> str:
         raise SystemExit(f"error: --checkpoint {e}")
     config = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else None
     if args.picture == "sops":
+        if config is not None and config.get("method", "sop") != "sop":
+            raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs an SOP checkpoint; this one was "
+                             f"trained with --method {config['method']}, which draws no SOPs")
         memory_state = ckpt.get("class_memory") if config is not None else None
         if not isinstance(memory_state, dict) or "memory" not in memory_state:
             raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs a train.py checkpoint (it draws "

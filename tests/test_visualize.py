@@ -125,6 +125,10 @@ def test_bad_inputs_give_one_clear_line(tiny_run, tmp_path):
     plain = {k.removeprefix("backbone."): v for k, v in old["teacher"].items() if k.startswith("backbone.")}
     torch.save(plain, tmp_path / "plain.pth")
     assert "plain state dict" in one_line_error(lambda: run("sops", tmp_path / "plain.pth", out))
+    # A baseline's checkpoint: no SOPs to draw.
+    old["config"]["method"] = "massl"
+    torch.save(old, tmp_path / "massl.pth")
+    assert "--method massl, which draws no SOPs" in one_line_error(lambda: run("sops", tmp_path / "massl.pth", out))
     assert not out.exists()
 
 
