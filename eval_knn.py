@@ -177,6 +177,13 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, inte
     return backbone, image_size, config
 
 
+def pick_device(choice: str) -> torch.device:
+    """The --device of an evaluation script: auto (CUDA when there is one), cpu or cuda (one line if absent)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, datasets=data.DATASETS) -> None:
     """The flags every evaluation script shares: what to evaluate (a checkpoint or raw pixels) and on which data."""
     source = parser.add_mutually_exclusive_group(required=True)
@@ -226,9 +233,7 @@ def main(argv=None):
     if dataset is None:
         raise SystemExit("error: --dataset is required with --pixels or a plain state dict; valid: "
                          + ", ".join(data.DATASETS))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     image_size = args.image_size or image_size
     try:
         data.check_dataset(dataset, data_path)

@@ -253,8 +253,7 @@ def main(argv=None):
         raise SystemExit(f"error: --lrs {args.lrs}: every lr must be positive and finite")
     if any(not (wd >= 0 and math.isfinite(wd)) for wd in args.weight_decays):
         raise SystemExit(f"error: --weight_decays {args.weight_decays}: every value must be >= 0 and finite")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
+    device = eval_knn.pick_device(args.device)  # before any loading: a missing GPU is a flag error
     if args.pixels:
         backbone, image_size, config = None, args.image_size, None
     else:
@@ -269,7 +268,6 @@ def main(argv=None):
     if dataset is None:
         raise SystemExit("error: --dataset is required with --pixels or a plain state dict; valid: "
                          + ", ".join(data.DATASETS))
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     image_size = args.image_size or image_size
     try:
         data.check_dataset(dataset, data_path)

@@ -232,8 +232,7 @@ def main(argv=None):
     for flag in ("batch_size", "chunk_size", "imsize"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"error: --{flag} {getattr(args, flag)}: must be a positive integer")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
+    device = eval_knn.pick_device(args.device)  # before any loading: a missing GPU is a flag error
     config = None
     if not args.pixels:
         backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size,
@@ -244,7 +243,6 @@ def main(argv=None):
         raise SystemExit(f"error: --dataset is required with --pixels or a plain state dict; valid: {', '.join(valid)}")
     if dataset not in valid:
         raise SystemExit(f"error: --dataset {dataset!r}: unknown; valid: {', '.join(valid)}")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     if dataset in OXFORD_PARIS:
         if args.pixels:

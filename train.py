@@ -525,10 +525,11 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a train.py checkpoint (no config)")
     saved = ckpt["config"]
+    defaults = Config()  # what a checkpoint from before a field existed ran with
     for name in SHAPE_FIELDS:
         if ignored_by_method(name, cfg.method):
             continue
-        if saved.get(name, getattr(Config(), name)) != getattr(cfg, name):  # default: from before the field
+        if saved.get(name, getattr(defaults, name)) != getattr(cfg, name):
             raise CheckpointError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained "
                                   f"with {saved.get(name)!r}; use that value or another --output_dir")
     step = ckpt.get("step")

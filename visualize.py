@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-from eval_knn import extract_features, load_backbone, read_checkpoint
+from eval_knn import extract_features, load_backbone, pick_device, read_checkpoint
 from memory import MemoryBank
 from model import ARCHS
 
@@ -253,9 +253,7 @@ def main(argv=None) -> str:
     for path in args.images or []:
         if not os.path.isfile(path):
             raise SystemExit(f"error: --images {path}: no such file")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available; valid: auto, cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
 
     try:
         ckpt = read_checkpoint(args.checkpoint)
