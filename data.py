@@ -687,6 +687,16 @@ def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, rank
     return order[: num_batches * batch_size * world_size].view(num_batches, world_size, batch_size)[:, rank].clone()
 
 
+def subset_indices(num_samples: int, size: int) -> torch.Tensor:
+    """int64 sorted indices of a fixed random subset of `size` of `num_samples` images (train.py --train_subset).
+
+    Seeded by nothing but the sizes, so runs with different --seed train on the same images."""
+    if not 0 < size <= num_samples:
+        raise ValueError(f"a subset of {size} images of {num_samples} is not possible")
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(_seed_from(num_samples, size)))[
+        :size].sort().values
+
+
 # ----------------------------------------------------------------------------------------------------- evaluation
 def normalize_images(images: torch.Tensor, size: int | None = None, mean=IMAGENET_MEAN,
                      std=IMAGENET_STD) -> torch.Tensor:

@@ -45,6 +45,7 @@ class Config:
     dataset: str = "folder"  # synthetic | cifar10 | cifar100 | fashion_mnist | folder (ImageNet-style tree)
     data_path: str = "data/imagenet"  # dataset root; CIFAR/Fashion-MNIST files are downloaded here when missing
     synthetic_size: int = 20000  # training images of the synthetic dataset (test split: 2000)
+    train_subset: int = 0  # train on a fixed random subset of this many training images (0 = all); k-NN uses all
     num_workers: int = 10  # folder dataset: JPEG-decoding DataLoader processes per GPU
     gpu_decode: bool = False  # folder training: decode JPEGs on the GPU (nvJPEG, needs torchvision); else Pillow
     strict_data: bool = False  # folder: stop at the first unreadable image; false: skip it, list it in bad_images.txt
@@ -209,7 +210,7 @@ def validate(cfg: Config, world_size: int) -> None:
     for name in positive:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "knn_every", "max_steps",
-                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed",
+                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed", "train_subset",
                  "embed_dim", "depth", "num_heads"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0" + (" (0 = the arch's)" if name in
                                                                 ("embed_dim", "depth", "num_heads") else ""))
@@ -681,11 +682,18 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
     if rank == 0 and world > 1:
         dist.barrier()
     in_memory = isinstance(train_set, data.ImageDataset)  # in-memory sets live on the device (airbench style)
+    if cfg.train_subset > len(train_set):
+        raise SystemExit(f"error: --train_subset {cfg.train_subset}: the training split has {len(train_set)} images; "
+                         f"valid: 0 (all) to {len(train_set)}")
+    # The subset is the same for every seed and rank; batches hold indices into the whole split, so the memories'
+    # image indices, k-NN and visualize.py refer to the dataset as it is on disk.
+    subset = data.subset_indices(len(train_set), cfg.train_subset) if cfg.train_subset else None
+    num_train = len(subset) if subset is not None else len(train_set)
     global_batch = cfg.batch_size_per_gpu * world
-    steps_per_epoch = len(train_set) // global_batch
+    steps_per_epoch = num_train // global_batch
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch_size_per_gpu {cfg.batch_size_per_gpu}: the global batch {global_batch} "
-                         f"exceeds the {len(train_set)} training images")
+                         f"exceeds the {num_train} training images")
     total_steps = cfg.epochs * steps_per_epoch
     if total_steps > MAX_STEPS:
         raise SystemExit(f"error: --epochs {cfg.epochs}: {total_steps} steps ({steps_per_epoch} per epoch) is more "
@@ -712,7 +720,9 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
     if main_process:
         print(f"config: {json.dumps(asdict(cfg))}\nenvironment: {json.dumps(env)}")
         print(f"derived: global batch {global_batch}, peak lr {cfg.lr * global_batch / 256:.3g} (= {cfg.lr:g} x "
-              f"{global_batch} / 256), {steps_per_epoch} steps/epoch, {total_steps} steps, precision "
+              f"{global_batch} / 256), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+              + (f"a fixed subset of {num_train} of the {len(train_set)} training images, " if subset is not None
+                 else "") + f"precision "
               f"{trainer.precision}, {sum(p.numel() for p in trainer.params) / 1e6:.2f} M student parameters"
               + (f", resuming at step {step}" if step else ""))
         for note in notes + [f"resuming with changed settings (--resume_changes ok): {name} {old!r} -> {new!r}"
@@ -769,8 +779,10 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
     while step < stop_step and not stopping:
         epoch, first_batch = divmod(step, steps_per_epoch)
         # The epoch's batches are a function of (seed, epoch): resuming mid-epoch skips the ones already done.
-        batches = data.epoch_batches(len(train_set), cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
+        batches = data.epoch_batches(num_train, cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
         batches = batches[first_batch:first_batch + stop_step - step]
+        if subset is not None:
+            batches = subset[batches]
         if in_memory:
             batch_iter = ((train_images[idx], None, idx) for idx in batches.to(device))
         else:  # uint8 canvases (B, 3, L, L) and their images' valid sizes (B, 2), on the device

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # SOP vs iBOT vs DINO vs MaSSL vs CARP on the CPU at the cpu_demo budget (12 epochs, equal steps), k-NN at epoch 0
-# and at the end only. One run at a time, niced. Commits only the logs: results/cpu_demo_synthetic/<method>-seed<s>.
+# and at the end only. One run at a time, niced. Commits only the logs: results/$NAME/<method>-seed<s>.
 #   bash results/compare_cpu.sh               # 3 seeds x 5 methods, synthetic data
 #   SEEDS="0" METHODS="sop ibot" bash results/compare_cpu.sh
+#   NAME=cpu_demo_fashion_mnist_10k DATASET_FLAGS="--dataset fashion_mnist --data_path \
+#     /usr/share/datasets/fashion-mnist --train_subset 10000" bash results/compare_cpu.sh
 #   bash results/compare_cpu.sh summary       # mean +- std of the final k-NN top-1 over the finished runs
 #   SEEDS=0 EXTRA="--max_steps 78 --knn_every 1" NAME=cpu_demo_synthetic_epoch1 bash results/compare_cpu.sh
 #                                             # smoke test: the first epoch of the same runs
@@ -10,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"sop ibot dino massl carp"}
-DATASET_FLAGS=${DATASET_FLAGS:-""}  # e.g. "--dataset fashion_mnist --data_path /usr/share/datasets/fashion-mnist"
+DATASET_FLAGS=${DATASET_FLAGS:-""}  # e.g. "--dataset fashion_mnist --data_path /usr/share/datasets/fashion-mnist
+                                   #        --train_subset 10000" (the synthetic runs' 10000 images, 936 steps)
 NAME=${NAME:-cpu_demo_synthetic}
 EXTRA=${EXTRA:-""}  # more flags for every run
 if [ "${1:-}" != "summary" ]; then

@@ -207,3 +207,22 @@ def test_cpu_demo_preset_runs_and_learns_a_batch(tmp_path):
         trainer.train_step(images, 50)
     losses = [trainer.train_step(images, 50)[1] for _ in range(15)]  # loss_cls (SOP-MIM is off in this preset)
     assert all(torch.isfinite(l) for l in losses) and losses[-1] < losses[0]
+
+
+def test_train_subset_trains_on_the_same_fixed_images_for_every_seed(tmp_path):
+    """--train_subset: epochs over the subset only, the same images for every seed, indices into the whole split."""
+    subset = train.data.subset_indices(512, 200)
+    assert torch.equal(subset, train.data.subset_indices(512, 200)) and subset.unique().numel() == 200
+    assert torch.equal(subset, subset.sort().values) and 0 <= subset.min() and subset.max() < 512
+    assert not torch.equal(subset, torch.arange(200))  # random, not the first 200
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        trainer = train.main(TINY + ["--train_subset", "200", "--seed", str(seed), "--knn_every", "0",
+                                     "--output_dir", str(out)])
+        header, *records = read_log(out)
+        assert records[-1]["step"] == 2 * (200 // 32)  # two epochs of the subset's 6 whole batches
+        stored = trainer.method.class_memory.index  # the images the memory saw, as indices into the whole split
+        assert (stored >= 0).all() and torch.isin(stored, subset).all()
+    with pytest.raises(SystemExit, match=r"--train_subset 600: the training split has 512 images; valid: 0 \(all\) "
+                                         r"to 512"):
+        train.main(TINY + ["--train_subset", "600", "--output_dir", str(tmp_path / "too_many")])
