@@ -178,7 +178,7 @@ def gpu_measurements(root: Path, batch: int, steps: int) -> dict:
     workers = os.cpu_count()
     for gpu_decode in (False, True):
         batches = data.folder_batches(dataset, order, device, workers, gpu_decode)
-        for step, (images, sizes) in enumerate(batches):
+        for step, (images, sizes, _) in enumerate(batches):
             if step == 3:  # workers warm, kernels compiled
                 torch.cuda.synchronize()
                 start = time.perf_counter()

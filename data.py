@@ -107,11 +107,13 @@ class ImageFolder(torch.utils.data.Dataset):
     resized to int(S * 256/224) (bicubic), centre crop S; an item is (uint8 (3, S, S), label). Otherwise (training)
     the whole image is kept: decoded with its longer side scaled to at most long_side (draft mode, see decode_image),
     placed at the top left of a zero long_side x long_side canvas; an item is (uint8 (3, L, L) canvas, int64 (2,)
-    valid (height, width), label), and the batched multicrop draws each image's crops inside its valid region.
+    valid (height, width), label, index of the image read), and the batched multicrop draws each image's crops
+    inside its valid region.
 
-    An unreadable image is skipped: the item is the next readable image of its class (then of the dataset), and its
-    path is appended once to bad_images_file (or printed when there is none), from any DataLoader worker; with
-    strict=True the first one raises DatasetError("cannot read image PATH: reason") instead.
+    An unreadable image is skipped: the item is the next readable image of its class (then of the dataset; a
+    training item's last entry says which), and its path is appended once to bad_images_file (or printed when there
+    is none), from any DataLoader worker; with strict=True the first one raises DatasetError("cannot read image
+    PATH: reason") instead.
     """
 
     def __init__(self, root: str | Path, image_size: int = 224, evaluation: bool = True,
@@ -145,7 +147,7 @@ class ImageFolder(torch.utils.data.Dataset):
             if path in self.known_bad:
                 continue
             try:
-                return (*self.transform(path), label)
+                return (*self.transform(path), label) if self.evaluation else (*self.transform(path), label, j)
             except Exception as error:  # Pillow reports corrupt files through many exception types
                 reason = f"cannot read image {path}: {(str(error).splitlines() or [type(error).__name__])[0]}"
                 if self.strict:
@@ -228,19 +230,21 @@ def _ignore_sigint(worker_id: int) -> None:
 
 def folder_batches(dataset: ImageFolder, batches: list[list[int]], device: torch.device, num_workers: int = 0,
                    gpu_decode: bool = False):
-    """(uint8 canvases (B, 3, L, L), int64 valid sizes (B, 2)) on device for each list of indices of a training
-    ImageFolder. CPU decoding: DataLoader workers decode, resize and pad (ImageFolder.transform). gpu_decode:
-    workers only read the files; the main process decodes each batch of JPEGs on the GPU in one nvJPEG call
-    (torchvision.io.decode_jpeg) and resizes them there. Without torchvision or CUDA it says so and decodes on
-    the CPU; a file the GPU cannot decode (PNG, CMYK, corrupt) goes through the CPU path alone."""
+    """(uint8 canvases (B, 3, L, L), int64 valid sizes (B, 2), int64 indices (B,) of the images read: those asked
+    for, or their replacements where unreadable) on device for each list of indices of a training ImageFolder. CPU
+    decoding: DataLoader workers decode, resize and pad (ImageFolder.transform). gpu_decode: workers only read the
+    files; the main process decodes each batch of JPEGs on the GPU in one nvJPEG call (torchvision.io.decode_jpeg)
+    and resizes them there. Without torchvision or CUDA it says so and decodes on the CPU; a file the GPU cannot
+    decode (PNG, CMYK, corrupt) goes through the CPU path alone."""
     if gpu_decode and (reason := _gpu_decode_unavailable(device)):
         if reason not in _NOTES_PRINTED:  # once per run, not every epoch
             print(f"note: gpu_decode: {reason}; decoding on the CPU", flush=True)
             _NOTES_PRINTED.add(reason)
         gpu_decode = False
     if not gpu_decode:
-        for images, sizes, _ in load_batches(dataset, batches, num_workers, pin_memory=device.type == "cuda"):
-            yield images.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
+        for images, sizes, _, read in load_batches(dataset, batches, num_workers, pin_memory=device.type == "cuda"):
+            yield (images.to(device, non_blocking=True), sizes.to(device, non_blocking=True),
+                   read.to(device, non_blocking=True))
         return
     for items in load_batches(_FileBytes(dataset), batches, num_workers, collate_fn=list):
         yield _decode_on_gpu(dataset, items, device)
@@ -277,14 +281,15 @@ class _FileBytes(torch.utils.data.Dataset):
             return i, None
 
 
-def _decode_on_gpu(folder: ImageFolder, items: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canvases and valid sizes of a batch of (index, file bytes), as ImageFolder.transform makes them, decoded
+def _decode_on_gpu(folder: ImageFolder, items: list, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Canvases, valid sizes and indices read of a batch of (index, file bytes), as ImageFolder makes them, decoded
     by nvJPEG on device and resized there (bicubic, antialiased); failures go through folder[i] on the CPU."""
     import torchvision.io as tvio
 
     L = folder.long_side
     canvas = torch.zeros(len(items), 3, L, L, dtype=torch.uint8, device=device)
     sizes = torch.zeros(len(items), 2, dtype=torch.int64)
+    read = torch.tensor([i for i, _ in items], dtype=torch.int64)
     if all(raw is not None for _, raw in items):
         try:
             images = tvio.decode_jpeg([raw for _, raw in items], mode=tvio.ImageReadMode.RGB, device=device)
@@ -301,7 +306,7 @@ def _decode_on_gpu(folder: ImageFolder, items: list, device: torch.device) -> tu
                 images.append(None)
     for b, ((i, _), image) in enumerate(zip(items, images)):
         if image is None:  # the CPU path, with its replacement and listing of unreadable images
-            image_canvas, size, _ = folder[i]
+            image_canvas, size, _, read[b] = folder[i]
             canvas[b], sizes[b] = image_canvas.to(device), size
             continue
         h, w = image.shape[1:]
@@ -312,7 +317,7 @@ def _decode_on_gpu(folder: ImageFolder, items: list, device: torch.device) -> tu
                                   align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
         canvas[b, :, :th, :tw] = image
         sizes[b, 0], sizes[b, 1] = th, tw
-    return canvas, sizes.to(device, non_blocking=True)
+    return canvas, sizes.to(device, non_blocking=True), read.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------- synthetic

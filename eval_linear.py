@@ -59,9 +59,9 @@ def extract(backbone, dataset, batch_size: int, device: torch.device, image_size
     chunks = indices.split(batch_size)
     if isinstance(dataset, data.ImageDataset):
         batches = ((dataset.images[idx], None) for idx in chunks)
-    else:  # folder items: (image, label) under the evaluation transform, (canvas, valid size, label) for training
+    else:  # folder items: (image, label) under the evaluation transform, (canvas, valid size, label, index) else
         loader = data.load_batches(dataset, [c.tolist() for c in chunks], num_workers, device.type == "cuda")
-        batches = ((items[0], items[1] if len(items) == 3 else None) for items in loader)
+        batches = ((items[0], items[1] if len(items) == 4 else None) for items in loader)
     was_training = backbone.training
     backbone.eval()
     features = []

@@ -210,8 +210,8 @@ def validate(cfg: Config, world_size: int) -> None:
     for name in positive:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "knn_every", "max_steps",
-                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed", "train_subset",
-                 "embed_dim", "depth", "num_heads"):
+                 "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed",
+                 "train_subset", "embed_dim", "depth", "num_heads"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0" + (" (0 = the arch's)" if name in
                                                                 ("embed_dim", "depth", "num_heads") else ""))
     need(cfg.epochs <= MAX_EPOCHS, "epochs", f"valid: 1 to {MAX_EPOCHS}")
@@ -785,10 +785,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int, run_start: 
             batches = subset[batches]
         if in_memory:
             batch_iter = ((train_images[idx], None, idx) for idx in batches.to(device))
-        else:  # uint8 canvases (B, 3, L, L) and their images' valid sizes (B, 2), on the device
-            loader = data.folder_batches(train_set, batches.tolist(), device, cfg.num_workers, cfg.gpu_decode)
-            batch_iter = ((images, sizes, idx.to(device, non_blocking=True))
-                          for (images, sizes), idx in zip(loader, batches))
+        else:  # uint8 canvases (B, 3, L, L), their images' valid sizes (B, 2) and the indices read, on the device
+            batch_iter = data.folder_batches(train_set, batches.tolist(), device, cfg.num_workers, cfg.gpu_decode)
         sums = torch.zeros(len(STATS), device=device)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process,
                    dynamic_ncols=True)

@@ -350,9 +350,10 @@ def test_image_folder_train_and_test(tmp_path):
     write_tree(tmp_path)
     train = load_dataset("folder", str(tmp_path), "train", image_size=16)
     assert len(train) == 4 and train.num_classes == 2 and train.labels.tolist() == [0, 0, 1, 1]
-    canvas, size, label = train[3]  # a 40 x 30 image, whole (never upsampled), at the top left of the canvas
+    canvas, size, label, read = train[3]  # a 40 x 30 image, whole (never upsampled), at the top left of the canvas
     L = data.FOLDER_LONG_SIDE
     assert canvas.shape == (3, L, L) and canvas.dtype == torch.uint8 and label == 1 and size.tolist() == [30, 40]
+    assert read == 3
     colour = torch.tensor([50, 100, 200], dtype=torch.uint8).view(3, 1, 1)
     assert torch.equal(canvas[:, :30, :40], colour.expand(3, 30, 40))
     assert canvas[:, 30:].eq(0).all() and canvas[:, :, 40:].eq(0).all()
@@ -371,7 +372,7 @@ def test_image_folder_eval_protocol_crops_the_border(tmp_path):
         image.save(tmp_path / split / "a" / "0.png")
     test_image = load_dataset("folder", str(tmp_path), "test", image_size=56)[0][0]  # 64 -> 64, centre crop 56
     assert torch.equal(test_image, torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 56, 56))
-    train_image, size, _ = load_dataset("folder", str(tmp_path), "train", image_size=56)[0]  # whole: border kept
+    train_image, size, _, _ = load_dataset("folder", str(tmp_path), "train", image_size=56)[0]  # whole: border kept
     assert size.tolist() == [64, 64] and train_image[0, 0, 0] == 255 and train_image[2, 32, 32] == 255
 
 
@@ -474,16 +475,17 @@ def test_unreadable_images_are_skipped_listed_once_or_stop_strict(tmp_path):
     listing = tmp_path / "bad_images.txt"
     train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))
     index = [path for path, _ in train.samples].index(str(bad))
-    canvas, size, label = train[index]  # replaced by the next readable image of its class
-    next_canvas, next_size, next_label = train[index + 1]
+    canvas, size, label, read = train[index]  # replaced by the next readable image of its class, which it names
+    next_canvas, next_size, next_label, next_read = train[index + 1]
     assert torch.equal(canvas, next_canvas) and torch.equal(size, next_size) and label == next_label == 0
+    assert read == next_read == index + 1
     train[index]
     again = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(listing))  # e.g. after a resume
     again[index]
     assert data.read_bad_images(str(listing)) == [str(bad)]  # listed once
     last = index + 1  # the last image of class a is bad too: its replacement wraps to the class's first one
     (tmp_path / "train" / "a" / "2.jpg").write_bytes(b"not an image")
-    assert torch.equal(train[last][0], train[index - 1][0]) and train[last][2] == 0
+    assert torch.equal(train[last][0], train[index - 1][0]) and train[last][2] == 0 and train[last][3] == index - 1
     assert data.read_bad_images(str(listing)) == [str(bad), str(tmp_path / "train" / "a" / "2.jpg")]
     strict = load_dataset("folder", str(tmp_path), "train", strict=True, bad_images_file=str(listing))
     with pytest.raises(DatasetError, match=f"^cannot read image {bad}: "):
@@ -505,13 +507,14 @@ def test_folder_batches_canvases_and_gpu_decode_fallback(tmp_path, monkeypatch, 
     monkeypatch.setattr(data, "FOLDER_LONG_SIDE", 448)  # 500 x 375 images are scaled down, 120 x 90 ones not
     write_jpeg_tree(tmp_path)
     train = load_dataset("folder", str(tmp_path), "train")
-    images, sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    images, sizes, read = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
     L = data.FOLDER_LONG_SIDE
     assert images.shape == (4, 3, L, L) and sizes.tolist() == [[336, 448], [448, 336], [90, 120], [90, 120]]
+    assert read.tolist() == [0, 1, 2, 5]
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # as on the CPU machines: not importable
     monkeypatch.setattr(data, "_NOTES_PRINTED", set())
     again = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu"), gpu_decode=True))
-    assert torch.equal(again[0], images) and torch.equal(again[1], sizes)
+    assert torch.equal(again[0], images) and torch.equal(again[1], sizes) and torch.equal(again[2], read)
     assert "note: gpu_decode:" in capsys.readouterr().out
     assert data._gpu_decode_unavailable(torch.device("cuda")).startswith("torchvision cannot be imported")
 
@@ -535,9 +538,10 @@ def test_gpu_decode_path_with_a_stand_in_decoder(tmp_path, monkeypatch):
     write_jpeg_tree(tmp_path)
     (tmp_path / "train" / "b" / "1.jpg").write_bytes(b"broken")  # index 4: replaced by index 5 on the CPU path
     train = load_dataset("folder", str(tmp_path), "train", bad_images_file=str(tmp_path / "bad.txt"))
-    gpu_images, gpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 4]], torch.device("cpu"), gpu_decode=True))
-    cpu_images, cpu_sizes = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
-    assert torch.equal(gpu_sizes, cpu_sizes)
+    gpu_images, gpu_sizes, gpu_read = next(data.folder_batches(train, [[0, 1, 2, 4]], torch.device("cpu"),
+                                                                gpu_decode=True))
+    cpu_images, cpu_sizes, cpu_read = next(data.folder_batches(train, [[0, 1, 2, 5]], torch.device("cpu")))
+    assert torch.equal(gpu_sizes, cpu_sizes) and gpu_read.tolist() == cpu_read.tolist() == [0, 1, 2, 5]
     assert torch.equal(gpu_images[3], cpu_images[3])  # the broken file went through the CPU path
     assert (gpu_images.float() - cpu_images.float()).abs().mean() < 3  # another resampler, the same pictures
     assert data.read_bad_images(str(tmp_path / "bad.txt")) == [str(tmp_path / "train" / "b" / "1.jpg")]
@@ -575,6 +579,9 @@ def test_folder_training_runs_skips_a_bad_image_and_strict_stops(tmp_path, monke
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert [path for r in records for path in r.get("bad_images", [])] == [str(bad)]  # logged once
     assert data.read_bad_images(str(tmp_path / "run" / "bad_images.txt")) == [str(bad)]
+    stored = trainer.method.class_memory.index.tolist()  # the memory names the replacement, not the bad image
+    bad_index = [path for path, _ in data.ImageFolder(tmp_path / "tree" / "train").samples].index(str(bad))
+    assert len([i for i in stored if i >= 0]) == 24 and bad_index not in stored and stored.count(bad_index + 1) == 2
     with pytest.raises(SystemExit) as error:
         train.main(folder_training_flags(tmp_path / "tree", tmp_path / "strict") + ["--strict_data", "true"])
     assert str(error.value).startswith(f"error: cannot read image {bad}: ") and "\n" not in str(error.value)

@@ -116,7 +116,7 @@ def test_augment_on_an_image_folder_crops_whole_images_from_their_canvases(tmp_p
     write_jpeg_tree(tmp_path, sizes=[(60 - 3 * i, 45 + 2 * i) for i in range(6)])
     plain = data.load_dataset("folder", str(tmp_path), "train", image_size=16, evaluation=True)
     canvases = data.load_dataset("folder", str(tmp_path), "train", image_size=16)
-    assert len(canvases[0]) == 3  # (canvas, valid size, label): the training items the --augment crops come from
+    assert len(canvases[0]) == 4  # (canvas, valid size, label, index): the training items the --augment crops come from
     test_set = data.load_dataset("folder", str(tmp_path), "test", image_size=16)
     backbone = build_backbone("custom", 16, 4, embed_dim=32, depth=2, num_heads=2, use_mask_token=False)
     result = eval_linear.linear_evaluate(backbone, plain, test_set, torch.device("cpu"), image_size=16, lrs=(0.1,),
