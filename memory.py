@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-SEARCH_CHUNK = 2 ** 27  # similarity entries per top-k chunk: 256 MiB in bf16, 512 MiB in fp32
+SEARCH_CHUNK = 2 ** 27  # similarity entries per top-k chunk (512 MiB of fp32 scores)
+SHORTLIST = 128  # bf16-searched candidates per anchor that the fast search re-ranks in fp32
 
 
 class MemoryBank(nn.Module):
@@ -92,16 +93,40 @@ class MemoryBank(nn.Module):
         return SOPs(support.flatten(0, 1), weights, rows)
 
 
-def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, fast: bool | None = None) -> torch.Tensor:
     """Indices (M, k) of the k keys with the largest dot product with each query, most similar first.
 
     Chunked over queries so the M x (Q - M) similarity matrix never exists whole (Q = 65536, M = 4096 would be 1 GiB
-    in fp32). On a GPU the search runs in bf16 (ranking only; weights are recomputed in fp32 by the caller).
+    in fp32). fast (default: on CUDA) searches in bf16 and re-ranks in fp32: a trained memory is so concentrated
+    that a neighbour's cosine differs from the next one's by ~1e-6, far below bf16's step of 2^-8 near 1, so
+    bf16 scores alone pick the fp32 top k for almost no anchor. Instead, each anchor's SHORTLIST best keys are
+    found from bf16 inputs with fp32 products and sums (keys centred first: q (key - mean) ranks keys like q key,
+    with smaller values and so smaller rounding), and the k best of those by exact fp32 scores are returned.
     """
-    dtype = torch.bfloat16 if keys.is_cuda else torch.float32
-    keys_t = keys.to(dtype).T  # (d, Q - M)
+    fast = keys.is_cuda if fast is None else fast
     rows = max(1, SEARCH_CHUNK // keys.shape[0])
-    return torch.cat([(q.to(dtype) @ keys_t).topk(k, dim=1).indices for q in queries.split(rows)])
+    if not fast:
+        keys_t = keys.float().T  # (d, Q - M)
+        return torch.cat([(q.float() @ keys_t).topk(k, dim=1).indices for q in queries.split(rows)])
+    length = min(keys.shape[0], max(SHORTLIST, 2 * k))
+    centred_t = (keys - keys.mean(0)).to(torch.bfloat16).T  # (d, Q - M)
+    nearest = []
+    for q in queries.split(rows):
+        shortlist = _bf16_scores(q.to(torch.bfloat16), centred_t).topk(length, dim=1).indices  # (m, L)
+        exact = (keys[shortlist].float() * q.float().unsqueeze(1)).sum(-1)  # (m, L) fp32, no TF32 GEMM
+        nearest.append(shortlist.gather(1, exact.topk(k, dim=1).indices))
+    return torch.cat(nearest)
+
+
+def _bf16_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 matrices, products summed and returned in fp32: one bf16 GEMM with an fp32 output on CUDA
+    (torch.mm out_dtype), and the same numbers elsewhere (bf16 products are exact in fp32)."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    return a.float() @ b.float()
 
 
 @dataclass

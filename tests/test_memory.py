@@ -217,3 +217,30 @@ def test_single_sop_is_certain():
     sops = SOPs(F.normalize(torch.randn(3, 4), dim=1), torch.tensor([[0.9, 0.5, 0.4]]))
     torch.testing.assert_close(sops.probabilities(torch.randn(2, 4), 0.1), torch.ones(2, 1))
     torch.testing.assert_close(sops.vote_matrix(), torch.ones(3, 1))
+
+
+def concentrated_memory(size: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Unit rows like a trained memory's: clusters around one direction, top-k cosines ~0.996 apart by ~1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    mean = F.normalize(torch.randn(dim, generator=g), dim=0)
+    centres = F.normalize(mean + 0.03 * torch.randn(32, dim, generator=g), dim=1)
+    rows = centres[torch.randint(32, (size,), generator=g)] + 0.01 * torch.randn(size, dim, generator=g)
+    return F.normalize(rows, dim=1)
+
+
+def test_fast_search_finds_the_exact_neighbours_of_a_concentrated_memory(monkeypatch):
+    """The GPU search (bf16 shortlist, fp32 re-rank; emulated here) picks the fp32 top k where bf16 scores fail."""
+    from memory import _nearest
+
+    memory = concentrated_memory(4096, 64)
+    queries, keys, k = memory[:512], memory[512:], 8
+    exact = (queries.double() @ keys.double().T).topk(k, dim=1).indices
+    fp32 = _nearest(queries, keys, k, fast=False)
+    bf16_scores = (queries.bfloat16() @ keys.bfloat16().T).float().topk(k, dim=1).indices  # rounded scores
+    same = lambda a, b: (a.sort(1).values == b.sort(1).values).all(1).float().mean().item()  # noqa: E731
+    assert same(fp32, exact) == 1.0 and same(bf16_scores, exact) < 0.05  # the memory is hard for bf16 scores
+    monkeypatch.setattr("memory.SEARCH_CHUNK", 4096 * 100)  # several chunks of 100 queries
+    fast = _nearest(queries, keys, k, fast=True)
+    assert same(fast, exact) >= 0.99
+    scores = (queries.unsqueeze(1) * keys[fast]).sum(-1)  # most similar first
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
