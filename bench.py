@@ -3,6 +3,7 @@
     python bench.py                                  # the GPU configurations below, eager and compiled
     python bench.py --configs cpu_demo --steps 5     # on a CPU
     python bench.py --configs imagenet_vit_s16 --compile false --profile
+    python bench.py --peer --json results/bench_h100.json   # + our ViT-S/16 against timm's, all as JSON
 
 Each configuration builds the exact training step of train.py (Trainer.train_step: augmentation and masking on the
 device, teacher and student forwards, SOP and SOP-MIM losses, backward, clipping, AdamW, EMA, memory enqueue) from
@@ -17,6 +18,7 @@ and backward (3 x forward) on all crops; the memory matmuls, LayerNorm, GELU and
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -124,6 +126,11 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
             timed(train_step, 3, device)
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25))
+        if device.type == "cuda":  # kernel time over wall time: the rest is the GPU waiting on the host
+            busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+            wall_us = 1e6 * 3 * statistics.median(step_times)
+            print(f"GPU busy {100 * busy_us / wall_us:.0f} % of the 3 profiled steps (kernels {busy_us / 3e3:.1f} ms "
+                  f"per step)")
 
     # Memory work alone: T_C class draws and the patch draw, their probabilities forward and backward.
     G, V = 2 * B, (2 + cfg.local_crops_number) * B
@@ -161,6 +168,30 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
     return result
 
 
+def peer(device: torch.device, batch: int = 128, steps: int = 20, warmup: int = 5, compile_: bool = True) -> dict:
+    """Our ViT-S/16 forward + backward against timm's vit_small_patch16_224 (the same model, the reference
+    implementation) on 224 px images: same batch, bf16 autocast, compiled, no drop path. timm is installed on the
+    GPU machines, not a dependency of this project."""
+    import timm
+
+    from model import build_backbone
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    result = {"config": "peer_vit_s16_fwd_bwd", "batch": batch}
+    models = {"ours": build_backbone("vit_small", 224, 16, use_mask_token=False),
+              "timm": timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)}
+    for name, model in models.items():
+        model = torch.compile(model.to(device)) if compile_ else model.to(device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model.forward_features(x) if name == "timm" else model(x)  # (B, 197, 384) normed tokens
+            out.float().square().mean().backward()
+        timed(step, warmup, device)
+        result[f"{name}_ms"] = 1e3 * statistics.median(timed(step, steps, device))
+    result["ours_speed_over_timm"] = result["timm_ms"] / result["ours_ms"]
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["imagenet_vit_s16", "cifar_vit_s4", "cifar_vit_t4"],
@@ -173,12 +204,16 @@ def main(argv=None):
                         help="peak for MFU (default: 989, the H100 SXM dense bf16 peak, on CUDA; none on CPU)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 steps")
     parser.add_argument("--augment_only", action="store_true", help="time only augmentation + masking")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time our ViT-S/16 forward + backward against timm's at batch 128 (needs timm)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (H100_BF16_PEAK if device.type == "cuda" else None)
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          f" ({torch.get_num_threads()} CPU threads), {time.strftime('%Y-%m-%d')}")
+    run = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])}
+    print(f"torch {run['torch']}, device {run['device']} ({run['cpu_threads']} CPU threads), {run['date']}")
     results = []
     for name in args.configs:
         for compile_ in {"both": (False, True), "true": (True,), "false": (False,)}[args.compile]:
@@ -199,6 +234,12 @@ def main(argv=None):
             print(f"{r['config']:<18}{str(r['compile']):>8}{r['batch']:>6}{r['ms_per_step']:>9.1f}"
                   f"{r['images_per_s']:>9.0f}{mem:>7}{r['gflops_per_image']:>10.2f}{mfu:>7}"
                   f"{r['augment_percent']:>7.1f}{r['memory_percent']:>7.1f}")
+    if args.peer:
+        r = peer(device)
+        results.append(r)
+        print(f"\npeer, ViT-S/16 forward + backward, batch {r['batch']}, bf16, compiled: ours {r['ours_ms']:.1f} ms, "
+              f"timm {r['timm_ms']:.1f} ms, ours {r['ours_speed_over_timm']:.2f}x timm's speed")
+    results = [{**r, **run} for r in results]  # each object names the machine, torch, date and command
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -204,9 +204,10 @@ class ProjectionHead(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., d) unit-norm embeddings."""
+        """(..., D) -> (..., d) unit-norm embeddings, normalised in fp32: under bf16 autocast a bf16 norm is off by up
+        to 2^-8, which the SE similarities' 1 / tau (25 at tau_t = 0.04) would magnify to 0.1 in a logit."""
         z = self.mlp(x)
-        return F.normalize(z, dim=-1, eps=1e-6) if self.normalize else z
+        return F.normalize(z.float(), dim=-1, eps=1e-6) if self.normalize else z
 
 
 class SOPNetwork(nn.Module):

@@ -45,3 +45,26 @@ def test_bench_runs_on_cpu():
     (r,) = results
     assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["mfu_percent"] is None
     assert 0 < r["augment_percent"] and 0 < r["memory_percent"]
+
+
+def test_json_names_the_run_and_peer_runs_against_a_stand_in_timm(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    from model import build_backbone
+
+    def create_model(name, pretrained, num_classes):  # timm is not installed here: our ViT-S plays it
+        assert (name, pretrained, num_classes) == ("vit_small_patch16_224", False, 0)
+        model = build_backbone("vit_small", 224, 16, use_mask_token=False)
+        model.forward_features = model.forward
+        return model
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    r = bench.peer(torch.device("cpu"), batch=2, steps=1, warmup=1, compile_=False)
+    assert r["ours_ms"] > 0 and r["timm_ms"] > 0 and r["ours_speed_over_timm"] == r["timm_ms"] / r["ours_ms"]
+    out = tmp_path / "bench.json"
+    bench.main(["--configs", "cpu_demo", "--compile", "false", "--steps", "1", "--warmup", "1", "--augment_only",
+                "--device", "cpu", "--json", str(out)])
+    (saved,) = json.loads(out.read_text())
+    assert saved["device"] == "cpu" and saved["torch"] == torch.__version__ and saved["config"] == "cpu_demo"
+    assert saved["command"].startswith("python bench.py --configs cpu_demo") and saved["date"]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Several train.py runs side by side on one GPU (tuning, issue 9), then a table of k-NN against minutes.
+#   bash results/gpu_runs.sh results/issue9_tune.txt          # every line "NAME FLAGS..." of the file, in parallel
+#   ONLY=final bash results/gpu_runs.sh results/issue9_tune.txt   # the lines named final* alone (clean timing)
+# Each run writes runs/gpu/NAME; its log is copied to $OUT/NAME.jsonl (default OUT=results/gpu), the table to
+# $OUT/summary.txt. Fashion-MNIST is read from data/fashion-mnist, git-ignored: fill it once per checkout with
+#   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
+# and name it in the device tool's carry.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+names=()
+while read -r name flags; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  [[ -n "${ONLY:-}" && "$name" != ${ONLY}* ]] && continue
+  [[ -z "${ONLY:-}" && "$name" == final* ]] && continue
+  names+=("$name")
+  # shellcheck disable=SC2086
+  python train.py $flags --output_dir "runs/gpu/$name" --resume false > "runs/gpu/$name.out" 2>&1 &
+done < <(mkdir -p runs/gpu; cat "$1")
+wait
+for name in "${names[@]}"; do
+  cp "runs/gpu/$name/log.jsonl" "$OUT/$name.jsonl" 2>/dev/null || tail -n 3 "runs/gpu/$name.out"
+done
+python - "$OUT" "${names[@]}" <<'PY' | tee "$OUT/summary.txt"
+import json, sys
+out, names = sys.argv[1], sys.argv[2:]
+print(f"{'run':<28}{'best k-NN':>10}{'at min':>8}{'final':>8}{'minutes':>9}{'img/s':>8}")
+for name in names:
+    try:
+        records = [json.loads(line) for line in open(f"{out}/{name}.jsonl")][1:]
+    except OSError:
+        print(f"{name:<28} no log"); continue
+    knn = [(r["knn_top1"], r["elapsed_s"] / 60) for r in records if "knn_top1" in r]
+    speed = [r["images_per_s"] for r in records if "images_per_s" in r]
+    best = max(knn) if knn else (float("nan"), float("nan"))
+    print(f"{name:<28}{best[0]:>10.2f}{best[1]:>8.1f}{knn[-1][0] if knn else float('nan'):>8.2f}"
+          f"{records[-1]['elapsed_s'] / 60:>9.1f}{(sum(speed) / len(speed) if speed else 0):>8.0f}")
+PY
