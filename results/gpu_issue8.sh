@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python -c "import torch; print(torch.__version__)") \
-  > "$OUT/machine.txt" 2>&1
+(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+ python -c "import torch; print(torch.__version__)") > "$OUT/machine.txt" 2>&1
 case "${1:-}" in
   tests)
     python -m pytest -q -rs -p no:cacheprovider tests --ignore tests/test_cuda.py 2>&1 | tee "$OUT/pytest_suite.txt"

@@ -12,13 +12,15 @@ OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 names=()
+base=""  # lines "base FLAGS..." give flags that every later line starts with
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
+  [[ "$name" == base ]] && { base="$base $flags"; continue; }
   [[ -n "${ONLY:-}" && "$name" != ${ONLY}* ]] && continue
   [[ -z "${ONLY:-}" && "$name" == final* ]] && continue
   names+=("$name")
   # shellcheck disable=SC2086
-  python train.py $flags --output_dir "runs/gpu/$name" --resume false > "runs/gpu/$name.out" 2>&1 &
+  python train.py $base $flags --output_dir "runs/gpu/$name" --resume false > "runs/gpu/$name.out" 2>&1 &
 done < <(mkdir -p runs/gpu; cat "$1")
 wait
 for name in "${names[@]}"; do
