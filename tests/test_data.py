@@ -229,7 +229,7 @@ def test_cifar_cache_contents_are_checked(tmp_path, monkeypatch, key, value, mes
     use_md5_of(monkeypatch, "cifar10", archive)
     load_dataset("cifar10", str(tmp_path), "train")  # builds the cache
     cache = tmp_path / "cifar10.pt"
-    tensors = torch.load(cache)
+    tensors = torch.load(cache, weights_only=True)
     if value is None:
         del tensors[key]
     else:
