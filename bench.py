@@ -4,6 +4,7 @@
     python bench.py --configs cpu_demo --steps 5     # on a CPU
     python bench.py --configs imagenet_vit_s16 --compile false --profile
     python bench.py --peer --json results/bench_h100.json   # + our ViT-S/16 against timm's, all as JSON
+    python bench.py --custom "mim0=--preset cifar --arch vit_tiny --patch_loss_weight 0"   # any train.py flags
 
 Each configuration builds the exact training step of train.py (Trainer.train_step: augmentation and masking on the
 device, teacher and student forwards, SOP and SOP-MIM losses, backward, clipping, AdamW, EMA, memory enqueue) from
@@ -17,6 +18,7 @@ and backward (3 x forward) on all crops; the memory matmuls, LayerNorm, GELU and
 """
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import methods
 import train
 from losses import sop_loss, sop_mim_loss
 from memory import MemoryBank
@@ -65,7 +68,7 @@ def model_flops_per_image(cfg: train.Config) -> int:
         embed = 2 * P * 3 * cfg.patch_size ** 2 * D  # patch-embedding convolution
         return embed + vit_flops_per_image(D, depth, 1 + P) + head * (1 + P if head_tokens == "all" else 1)
 
-    global_crop = crop_forward(cfg.global_crops_size, "all")
+    global_crop = crop_forward(cfg.global_crops_size, "all" if methods.uses_patch_tokens(cfg) else "cls")
     local_crop = crop_forward(cfg.local_crops_size, "cls")  # local patch tokens skip the head (model.SOPNetwork)
     teacher = 2 * global_crop
     student = 2 * global_crop + cfg.local_crops_number * local_crop
@@ -149,8 +152,9 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
         for _ in range(cfg.class_draws):
             sops = class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, gen)
             total = total + sop_loss(sops.probabilities(cls_s, 0.1), sops.probabilities(cls_t, 0.04))
-        psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
-        total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
+        if methods.uses_patch_tokens(cfg):  # SOP-MIM on
+            psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
+            total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
         total.backward()
     timed(memory_work, 2, device)
     memory_times = timed(memory_work, max(3, steps // 2), device)
@@ -194,8 +198,10 @@ def peer(device: torch.device, batch: int = 128, steps: int = 20, warmup: int = 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["imagenet_vit_s16", "cifar_vit_s4", "cifar_vit_t4"],
-                        choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                        help="default: imagenet_vit_s16 cifar_vit_s4 cifar_vit_t4, or none when --custom is given")
+    parser.add_argument("--custom", nargs="+", default=[], metavar="NAME=FLAGS",
+                        help='more configurations from train.py flags, e.g. "mim0=--preset cifar --patch_loss_weight 0"')
     parser.add_argument("--compile", choices=("both", "true", "false"), default="both")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
@@ -208,6 +214,19 @@ def main(argv=None):
                         help="also time our ViT-S/16 forward + backward against timm's at batch 128 (needs timm)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    configs = {name: CONFIGS[name] for name in (args.configs if args.configs is not None else
+                                                [] if args.custom else list(CONFIGS)[:3])}
+    for spec in args.custom:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in configs:
+            parser.error(f"--custom {spec!r}: expected NAME=FLAGS with a new NAME, e.g. \"k0=--preset cifar "
+                         f"--class_neighbors 0\"")
+        configs[name] = shlex.split(flags)
+    for name, flags in configs.items():  # every configuration's flags checked before any compute
+        try:
+            train.validate(train.parse_config(flags), world_size=1)
+        except train.ConfigError as e:
+            parser.error(f"configuration {name}: {e}")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (H100_BF16_PEAK if device.type == "cuda" else None)
     run = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -215,9 +234,9 @@ def main(argv=None):
            "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"torch {run['torch']}, device {run['device']} ({run['cpu_threads']} CPU threads), {run['date']}")
     results = []
-    for name in args.configs:
+    for name, flags in configs.items():
         for compile_ in {"both": (False, True), "true": (True,), "false": (False,)}[args.compile]:
-            r = bench(name, CONFIGS[name], compile_, args.steps, args.warmup, device, peak, args.profile,
+            r = bench(name, flags, compile_, args.steps, args.warmup, device, peak, args.profile,
                       args.augment_only)
             results.append(r)
             print(json.dumps(r))

@@ -49,11 +49,17 @@ def default_sizes(method: str, class_memory_size: int) -> dict:
             "carp": dict(num_prototypes=65536, partition_size=512)}.get(method, {})
 
 
+def uses_patch_tokens(cfg) -> bool:
+    """Whether a loss reads the global crops' patch embeddings: SOP-MIM or iBOT's MIM term, weighted > 0. Otherwise
+    the networks send only [CLS] through the head (as DINO's official code does) and return patch None."""
+    return cfg.method in ("sop", "ibot") and cfg.patch_loss_weight > 0
+
+
 def build_network(cfg, backbone: nn.Module, head: nn.Module) -> SOPNetwork:
     """The student or teacher network: a prototype layer after the head for iBOT, DINO and CARP."""
+    patch = uses_patch_tokens(cfg)
     if cfg.method not in ("ibot", "dino", "carp"):
-        return SOPNetwork(backbone, head)
-    patch = cfg.method == "ibot"
+        return SOPNetwork(backbone, head, patch)
     patch_prototypes = None if (not patch or cfg.shared_head) else PrototypeLayer(cfg.out_dim, cfg.num_prototypes,
                                                                                cfg.norm_last_layer)
     return PrototypeNetwork(backbone, head, PrototypeLayer(cfg.out_dim, cfg.num_prototypes, cfg.norm_last_layer),
@@ -94,10 +100,12 @@ class SOP(nn.Module):
             student_probs = sops.probabilities(student_cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
             loss_cls = loss_cls + sop_loss(student_probs, teacher_probs) / cfg.class_draws
             entropy = entropy + teacher_entropy(teacher_probs) / cfg.class_draws
-        # ---- SOP-MIM loss on the masked patches of the global crops (spec §3.2)
-        psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, generator)
-        loss_patch = sop_mim_loss(psops.probabilities(student_patch, cfg.student_temp),
-                                  psops.probabilities(teacher_patch, teacher_temp), masks)
+        # ---- SOP-MIM loss on the masked patches of the global crops (spec §3.2); weight 0: not computed
+        loss_patch = torch.zeros_like(loss_cls)
+        if student_patch is not None:
+            psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, generator)
+            loss_patch = sop_mim_loss(psops.probabilities(student_patch, cfg.student_temp),
+                                      psops.probabilities(teacher_patch, teacher_temp), masks)
         loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # spec §3.3
         return loss, loss_cls, loss_patch, entropy
 
@@ -109,6 +117,8 @@ class SOP(nn.Module):
         B = teacher_cls.shape[0] // 2
         second_view = slice(B, 2 * B)
         self.class_memory.enqueue(teacher_cls[second_view], indices)
+        if teacher_patch is None:  # SOP-MIM off: the patch memory is never read
+            return
         pick = torch.randint(teacher_patch.shape[1], (B,), device=teacher_patch.device)  # one random patch per image
         self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick],
                                   indices)
@@ -138,20 +148,19 @@ class PrototypeNetwork(SOPNetwork):
     """SOPNetwork with a prototype layer after the head, inside the one forward that DDP wraps.
 
     The layer is registered under the head (keys `head.prototypes.*`, like iBOT's `head.last_layer`), so
-    backbone-only loaders skip it. Returns (cls, patch, cls_logits, patch_logits or None).
+    backbone-only loaders skip it. Returns (cls, patch or None, cls_logits, patch_logits or None).
     """
 
     def __init__(self, backbone, head, prototypes: PrototypeLayer, patch: bool,
                  patch_prototypes: PrototypeLayer | None = None):
-        super().__init__(backbone, head)
-        self.patch = patch  # iBOT: patch logits too; DINO, CARP: [CLS] only
+        super().__init__(backbone, head, patch_tokens=patch)  # iBOT with its MIM term: patch logits too
         head.prototypes = prototypes
         head.patch_prototypes = patch_prototypes  # iBOT with shared_head false: a second layer for patches
 
     def forward(self, global_crops, masks=None, local_crops=None):
-        cls, patch = super().forward(global_crops, masks, local_crops)  # ((2 + V_l) B, d), (2B, P, d)
-        if not self.patch:
-            return cls, patch, self.head.prototypes(cls), None
+        cls, patch = super().forward(global_crops, masks, local_crops)  # ((2 + V_l) B, d), (2B, P, d) or None
+        if patch is None:
+            return cls, None, self.head.prototypes(cls), None
         patch_layer = self.head.prototypes if self.head.patch_prototypes is None else self.head.patch_prototypes
         return cls, patch, self.head.prototypes(cls), patch_layer(patch)  # ..., ((2 + V_l) B, K), (2B, P, K)
 
@@ -169,7 +178,8 @@ class Centers(nn.Module):
     def update(self, teacher_cls_logits: torch.Tensor, teacher_patch_logits: torch.Tensor | None) -> None:
         """c <- m c + (1 - m) sum_rows(t) / (2B W); c2 the same over the per-image mean of ALL P patches (§2(a).5)."""
         sums = [teacher_cls_logits.float().sum(0)]  # (K,)
-        if self.patch is not None:
+        patch = self.patch is not None and teacher_patch_logits is not None  # None: iBOT with MIM weight 0
+        if patch:
             sums.append(teacher_patch_logits.float().mean(1).sum(0))  # (K,)
         sums = torch.stack(sums)  # (1 or 2, K)
         world = 1
@@ -178,7 +188,7 @@ class Centers(nn.Module):
             world = dist.get_world_size()
         means = sums / (teacher_cls_logits.shape[0] * world)
         self.cls.lerp_(means[0].view_as(self.cls), 1 - self.momentum)  # FAMILY_SPEC §2(a).5
-        if self.patch is not None:
+        if patch:
             self.patch.lerp_(means[1].view_as(self.patch), 1 - self.momentum)
 
 
@@ -193,14 +203,16 @@ class IBOT(nn.Module):
 
     def loss(self, student, teacher, masks, teacher_temp, generator):
         cfg, c = self.cfg, self.centers
-        student_cls, student_patch = student[2].float(), student[3].float()  # ((2 + V_l) B, K), (2B, P, K)
-        teacher_cls, teacher_patch = teacher[2].float(), teacher[3].float()  # (2B, K), (2B, P, K)
+        student_cls, teacher_cls = student[2].float(), teacher[2].float()  # ((2 + V_l) B, K), (2B, K)
         # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp (§2(a).4)
         teacher_probs = ((teacher_cls - c.cls) / teacher_temp).softmax(-1)  # (2B, K)
-        teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
         loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)  # §2(a).4
-        loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
-                                       masks)  # §2(a).4, same view, masked patches only
+        loss_patch = torch.zeros_like(loss_cls)  # MIM weight 0: no patch logits, nothing computed
+        if student[3] is not None:
+            student_patch, teacher_patch = student[3].float(), teacher[3].float()  # (2B, P, K)
+            teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
+            loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
+                                           masks)  # §2(a).4, same view, masked patches only
         loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # λ1 L_cls + λ2 L_mim
         return loss, loss_cls, loss_patch, teacher_entropy(teacher_probs)
 

@@ -84,7 +84,7 @@ class Config:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
     cls_loss_weight: float = 1.0
-    patch_loss_weight: float = 1.0
+    patch_loss_weight: float = 1.0  # 0: MIM off, nothing patch-level computed (loss_patch logs 0); masks: pred_ratio
     # baselines (methods.py, FAMILY_SPEC); 0 = the method's official default (methods.default_sizes)
     num_prototypes: int = 0  # K learnable prototypes: ibot 8192, dino 65536, carp 65536
     norm_last_layer: bool = True  # ibot, dino, carp: prototype gain fixed at 1 (false: learnable, not decayed)
@@ -412,7 +412,7 @@ class Trainer:
         # ---- teacher on the unmasked global crops; student on masked globals and all locals
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != "fp32"):
             with torch.no_grad():
-                teacher = self.teacher_forward(global_crops)  # cls (2B, d), patch (2B, P, d)[, their logits]
+                teacher = self.teacher_forward(global_crops)  # cls (2B, d), patch (2B, P, d) or None[, logits]
             student = self.student_forward(global_crops, masks, local_crops)  # cls ((2 + V_l) B, d), patch, ...
 
         # ---- the losses: SOP loss on [CLS] + SOP-MIM loss on masked patches (methods.SOP, spec §3), or a baseline's

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Issue 8 on one H100/H200, in three calls of under 10 minutes each; every file lands in $OUT (default results/gpu).
+# Issue 8 on one H100/H200, in two calls of under 10 minutes each; every file lands in $OUT (default results/gpu).
 #   bash results/gpu_issue8.sh tests      # the whole suite on the GPU machine, then tests/test_cuda.py with its prints
-#   bash results/gpu_issue8.sh bench      # bench.py, three configurations eager and compiled, + the timm peer (JSON)
-#   bash results/gpu_issue8.sh profile    # torch.profiler tables of the compiled ViT-S/16 and ViT-S/4 steps
+#   bash results/gpu_issue8.sh bench      # bench.py, three configurations eager, then compiled with the timm peer and
+#                                         # a torch.profiler table of each compiled step (JSON + text); run it alone
+#   CONFIG=cifar_vit_s4 bash results/gpu_issue8.sh profile   # one compiled configuration again, after a fix
+# The device budget is 30 minutes a session for issues 8 and 9 together. The test stage needs no clean timing, so it
+# can share its call with issue 9's tuning round:
+#   bash results/gpu_runs.sh results/issue9_tune.txt & bash results/gpu_issue8.sh tests; wait
 # Everything here runs on the CPU too (slowly, and bench/profile without MFU): try a stage there before a GPU session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +21,10 @@ case "${1:-}" in
     python -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.txt" ;;
   bench)
     python bench.py --compile false --json "$OUT/bench_eager.json" 2>&1 | tee "$OUT/bench_eager.txt"
-    python bench.py --compile true --peer --json "$OUT/bench_compiled.json" 2>&1 | tee "$OUT/bench_compiled.txt" ;;
+    python bench.py --compile true --peer --profile --json "$OUT/bench_compiled.json" 2>&1 \
+      | tee "$OUT/bench_compiled.txt" ;;
   profile)
-    for config in imagenet_vit_s16 cifar_vit_s4; do
-      python bench.py --configs "$config" --compile true --steps 10 --profile 2>&1 | tee "$OUT/profile_$config.txt"
-    done ;;
+    python bench.py --configs "${CONFIG:-imagenet_vit_s16}" --compile true --steps 10 --profile 2>&1 \
+      | tee "$OUT/profile_${CONFIG:-imagenet_vit_s16}.txt" ;;
   *) echo "usage: bash results/gpu_issue8.sh tests|bench|profile" >&2; exit 2 ;;
 esac

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,12 +40,31 @@ def test_model_flops_per_image_composition():
     assert bench.model_flops_per_image(cfg) == 2 * global_crop + 3 * 2 * global_crop
 
 
+def test_model_flops_count_patch_tokens_in_the_head_only_when_a_loss_reads_them():
+    flags = ["--preset", "cifar", "--local_crops_number", "0"]
+    saved = (2 + 3 * 2) * bench.head_flops_per_token(384, 2048, 256) * 64  # teacher + 3 x student on 2 crops of 64
+    for method_flags in (["--patch_loss_weight", "0"], ["--method", "dino"]):
+        cfg = train.parse_config(flags + method_flags)
+        assert bench.model_flops_per_image(cfg) == bench.model_flops_per_image(train.parse_config(flags)) - saved
+
+
 def test_bench_runs_on_cpu():
     results = bench.main(["--configs", "cpu_demo", "--compile", "false", "--steps", "2", "--warmup", "1",
                           "--device", "cpu"])
     (r,) = results
     assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["mfu_percent"] is None
     assert 0 < r["augment_percent"] and 0 < r["memory_percent"]
+
+
+def test_custom_configurations_from_train_flags(capsys):
+    results = bench.main(["--custom", "mim0=--preset cpu_demo", "mim1=--preset cpu_demo --patch_loss_weight 1",
+                          "--compile", "false", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    assert [r["config"] for r in results] == ["mim0", "mim1"]  # no default configurations besides them
+    assert results[1]["gflops_per_image"] > results[0]["gflops_per_image"]  # the head on the patch tokens
+    for bad, message in (("k0", "expected NAME=FLAGS"), ("x=--preset cpu_demo --class_neighbors -1", "configuration x")):
+        with pytest.raises(SystemExit):
+            bench.main(["--custom", bad, "--device", "cpu"])
+        assert message in capsys.readouterr().err
 
 
 def test_json_names_the_run_and_peer_runs_against_a_stand_in_timm(tmp_path, monkeypatch):

@@ -253,6 +253,39 @@ def test_step_gradients_only_reach_the_student(method):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 and not torch.equal(a, p) for a, p in zip(before, protos))
 
 
+@pytest.mark.parametrize("method", ["sop", "ibot"])
+def test_mim_weight_zero_skips_patch_work_and_keeps_the_trajectory(method, monkeypatch):
+    """--patch_loss_weight 0: patch tokens skip the head and nothing patch-level is computed, yet three steps end
+    where the full computation (patch embeddings, logits and the weight-0 loss) ends; loss_patch logs 0."""
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    cfg = config(method, "--patch_loss_weight", "0", "--warmup_epochs", "0")
+
+    def run():
+        trainer = train.Trainer(cfg, torch.device("cpu"), 1, steps_per_epoch=4)
+        stats = torch.stack([trainer.train_step(images, s) for s in range(3)])
+        return trainer, stats
+    skipped, stats = run()
+    assert all(out is None for out in skipped.teacher(images[:2].float())[1::2])  # patch and its logits
+    assert (stats[:, 2] == 0).all() and torch.isfinite(stats).all()
+    monkeypatch.setattr(methods, "uses_patch_tokens", lambda cfg: True)  # the computation before this change
+    full, full_stats = run()
+    assert full.teacher(images[:2].float())[1] is not None and (full_stats[:, 2] > 0).all()
+    torch.testing.assert_close(stats[:, :2], full_stats[:, :2])
+    for a, b in zip(skipped.student.state_dict().values(), full.student.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    full_state = full.method.state_dict()
+    for name, value in skipped.method.state_dict().items():  # class memory, [CLS] centre; the patch ones go unused
+        if "patch" not in name:
+            torch.testing.assert_close(value, full_state[name])
+
+
+@pytest.mark.parametrize("method", ["dino", "massl", "carp"])
+def test_methods_without_patch_loss_send_only_cls_through_the_head(method):
+    net = train.Trainer(config(method), torch.device("cpu"), 1, steps_per_epoch=4).teacher
+    assert not methods.uses_patch_tokens(config(method)) and not net.patch_tokens
+    assert net(torch.rand(2, 3, 16, 16))[1] is None
+
+
 def test_separate_patch_layer_and_learnable_gain_out_of_weight_decay():
     trainer = train.Trainer(config("ibot", "--shared_head", "false", "--norm_last_layer", "false"),
                             torch.device("cpu"), 1, steps_per_epoch=4)
