@@ -39,6 +39,7 @@ CONFIGS = {  # name -> train.py flags
     "cifar_vit_t4": ["--preset", "cifar", "--arch", "vit_tiny", "--batch_size_per_gpu", "512"],
     "cpu_demo": ["--preset", "cpu_demo"],
 }
+GPU_CONFIGS = ("imagenet_vit_s16", "cifar_vit_s4", "cifar_vit_t4")  # bench.py's default
 SOURCE_SIZE = {"imagenet_vit_s16": 256}  # decoded image side fed to the augmentation (default: the global crop size)
 
 
@@ -214,8 +215,8 @@ def main(argv=None):
                         help="also time our ViT-S/16 forward + backward against timm's at batch 128 (needs timm)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    configs = {name: CONFIGS[name] for name in (args.configs if args.configs is not None else
-                                                [] if args.custom else list(CONFIGS)[:3])}
+    default = () if args.custom else GPU_CONFIGS
+    configs = {name: CONFIGS[name] for name in (default if args.configs is None else args.configs)}
     for spec in args.custom:
         name, sep, flags = spec.partition("=")
         if not sep or not name or name in configs:

@@ -195,11 +195,12 @@ class Centers(nn.Module):
 class IBOT(nn.Module):
     """iBOT (FAMILY_SPEC §2): centred, sharpened teacher softmax over K learnable prototypes; [CLS] + patches."""
     uses_masks = True
+    patch_term = True  # L_MIM and c2, the centre of the teacher patch logits
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.centers = Centers(cfg.num_prototypes, patch=True, momentum=cfg.center_momentum)
+        self.centers = Centers(cfg.num_prototypes, patch=self.patch_term, momentum=cfg.center_momentum)
 
     def loss(self, student, teacher, masks, teacher_temp, generator):
         cfg, c = self.cfg, self.centers
@@ -207,8 +208,8 @@ class IBOT(nn.Module):
         # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp (§2(a).4)
         teacher_probs = ((teacher_cls - c.cls) / teacher_temp).softmax(-1)  # (2B, K)
         loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)  # §2(a).4
-        loss_patch = torch.zeros_like(loss_cls)  # MIM weight 0: no patch logits, nothing computed
-        if student[3] is not None:
+        loss_patch = torch.zeros_like(loss_cls)  # MIM weight 0 or DINO: no patch logits, nothing computed
+        if self.patch_term and student[3] is not None:
             student_patch, teacher_patch = student[3].float(), teacher[3].float()  # (2B, P, K)
             teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
             loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
@@ -220,23 +221,11 @@ class IBOT(nn.Module):
         self.centers.update(teacher[2], teacher[3])  # after the loss used the old centres (§2(e)7)
 
 
-class DINO(nn.Module):
-    """DINO (FAMILY_SPEC §3): iBOT's [CLS] term alone, K prototypes, centring and sharpening; no masks."""
+class DINO(IBOT):
+    """DINO (FAMILY_SPEC §3): iBOT's [CLS] term alone (§3(a).4), with its weight at the default 1; no masks, no
+    patch term or c2 (its networks give no patch logits: uses_patch_tokens)."""
     uses_masks = False
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.centers = Centers(cfg.num_prototypes, patch=False, momentum=cfg.center_momentum)
-
-    def loss(self, student, teacher, masks, teacher_temp, generator):
-        student_cls, teacher_cls = student[2].float(), teacher[2].float()  # ((2 + V_l) B, K), (2B, K)
-        teacher_probs = ((teacher_cls - self.centers.cls) / teacher_temp).softmax(-1)  # §3(a).4
-        loss = cross_view_loss((student_cls / self.cfg.student_temp).log_softmax(-1), teacher_probs)
-        return loss, loss, torch.zeros_like(loss), teacher_entropy(teacher_probs)
-
-    def update(self, teacher, indices=None) -> None:
-        self.centers.update(teacher[2], None)
+    patch_term = False
 
 
 # ----------------------------------------------------------------------------------- random blocks: MaSSL and CARP
