@@ -1,6 +1,7 @@
-"""Batched multicrop augmentation and block masks on the training device (spec §2.6, §6).
+"""Batched multicrop augmentation and block masks on the training device.
 
-DINO/iBOT augment one PIL image at a time in DataLoader workers; here the multicrop augmentation and the masks are
+DINO/iBOT augment one PIL image at a time in DataLoader workers (facebookresearch/dino main_dino.py
+DataAugmentationDINO, bytedance/ibot loader.py ImageFolderMask); here the multicrop augmentation and the masks are
 computed for a whole batch on the training device (as airbench does), drawn from one torch.Generator, so a seed
 fixes a batch exactly and the step needs no host sync. Batches are uint8 (B, 3, H, W) images, or padded canvases
 with each image's valid size (folder datasets, data.ImageFolder), whose crops stay inside each image.
@@ -16,7 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------------------------------- multicrop (§6)
+# ---------------------------------------------------------------------------------------------------------- multicrop
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     """float32 (n,) uniform in [low, high), on the generator's device."""
     return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
@@ -149,7 +150,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
 
 
 class MultiCropAugmentation:
-    """DINO/iBOT multicrop (spec §6) of a whole uint8 batch: 2 global and L local crops per image.
+    """DINO/iBOT multicrop of a whole uint8 batch: 2 global and L local crops per image (facebookresearch/dino
+    main_dino.py DataAugmentationDINO).
 
     Per crop: RandomResizedCrop -> h-flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale p 0.2 ->
     Gaussian blur (p 1 / 0.1 on global crops 1 / 2, 0.5 on locals; sigma ~ U(blur_sigma) in pixels of the crop, as
@@ -223,9 +225,10 @@ class MultiCropAugmentation:
         return normalize(crops, self.mean, self.std)
 
 
-# ----------------------------------------------------------------------------------------------------- masks (§2.6)
+# -------------------------------------------------------------------------------------------------------------- masks
 class BlockMaskGenerator:
-    """iBOT/BEiT block-wise masks on a g x g patch grid, for many crops at once on the generator's device.
+    """iBOT/BEiT block-wise masks on a g x g patch grid, for many crops at once on the generator's device
+    (bytedance/ibot loader.py ImageFolderMask, microsoft/unilm beit masking_generator.py).
 
     Per crop: pick one entry of pred_ratio uniformly, r ~ U(mean - var, mean + var), target T = r g^2 patches.
     BEiT's generator then proposes rectangles (area ~ U(min_num_patches, T - count), aspect log-uniform in
@@ -255,7 +258,7 @@ class BlockMaskGenerator:
         return self.block_masks(self.sample_targets(num_masks, generator), generator)
 
     def sample_targets(self, num_masks: int, generator: torch.Generator) -> torch.Tensor:
-        """float (num_masks,) target numbers of masked patches T = r g^2 (spec §2.6)."""
+        """float (num_masks,) target numbers of masked patches T = r g^2."""
         choice = _uniform(num_masks, 0, len(self.pred_ratio), generator).floor()
         ratio = torch.zeros(num_masks, device=generator.device)
         for k, (mean, var) in enumerate(zip(self.pred_ratio, self.pred_ratio_var)):

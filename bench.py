@@ -22,14 +22,19 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import methods
 import train
 from losses import sop_loss, sop_mim_loss
 from memory import MemoryBank
+from data import FOLDER_LONG_SIDE
+from model import ARCHS
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
 
@@ -40,7 +45,27 @@ CONFIGS = {  # name -> train.py flags
     "cpu_demo": ["--preset", "cpu_demo"],
 }
 GPU_CONFIGS = ("imagenet_vit_s16", "cifar_vit_s4", "cifar_vit_t4")  # bench.py's default
-SOURCE_SIZE = {"imagenet_vit_s16": 256}  # decoded image side fed to the augmentation (default: the global crop size)
+# Steps per epoch of the real runs (ImageNet-1k on 8 GPUs, CIFAR-10 on one, the quick start): the masks are drawn
+# once per epoch (train.Trainer.block_masks), so their cost per step is spread over as many steps.
+STEPS_PER_EPOCH = {"imagenet_vit_s16": 1281167 // 1024, "cifar_vit_s4": 50000 // 512, "cifar_vit_t4": 50000 // 512,
+                   "cpu_demo": 10000 // 128}
+FOLDER_CONFIGS = ("imagenet_vit_s16",)  # fed as image-folder training is: 512 px canvases and each image's size
+
+
+def source_images(name: str, cfg, n: int, device: torch.device, seed: int = 0):
+    """n random uint8 images as train.py feeds them: squares of the crop size for in-memory datasets, or, for
+    folder configurations, FOLDER_LONG_SIDE canvases with valid sizes (n, 2) of a typical ImageNet photo (longer
+    side 512, shorter 340-512), so the antialiased canvas path of the augmentation runs."""
+    generator = torch.Generator().manual_seed(seed)
+    if name not in FOLDER_CONFIGS:
+        size = cfg.global_crops_size
+        return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator).to(device), None
+    L = FOLDER_LONG_SIDE
+    images = torch.randint(0, 256, (n, 3, L, L), dtype=torch.uint8, generator=generator)
+    short = torch.randint(340, L + 1, (n,), generator=generator)
+    landscape = torch.rand(n, generator=generator) < 0.75
+    sizes = torch.stack((torch.where(landscape, short, L), torch.where(landscape, L, short)), dim=1)  # (n, 2) h, w
+    return images.to(device), sizes.to(device)
 
 
 def vit_flops_per_image(embed_dim: int, depth: int, num_tokens: int, mlp_ratio: float = 4.0) -> int:
@@ -53,16 +78,16 @@ def vit_flops_per_image(embed_dim: int, depth: int, num_tokens: int, mlp_ratio: 
     return 2 * depth * int(3 * N * D * D + 2 * N * N * D + N * D * D + 2 * mlp_ratio * N * D * D)
 
 
-def head_flops_per_token(in_dim: int, hidden_dim: int, out_dim: int) -> int:
+def head_flops_per_token(in_dim: int, hidden_dim: int, bottleneck_dim: int) -> int:
     """Forward FLOPs of the 3-layer projection head on one token."""
-    return 2 * (in_dim * hidden_dim + hidden_dim * hidden_dim + hidden_dim * out_dim)
+    return 2 * (in_dim * hidden_dim + hidden_dim * hidden_dim + hidden_dim * bottleneck_dim)
 
 
 def model_flops_per_image(cfg: train.Config) -> int:
     """Training FLOPs per image: teacher forward on 2 global crops, student forward + backward on all crops."""
-    width, depth, _ = train.ARCHS.get(cfg.arch, (0, 0, 0))
+    width, depth, _ = ARCHS.get(cfg.arch, (0, 0, 0))
     D, depth = cfg.embed_dim or width, cfg.depth or depth
-    head = head_flops_per_token(D, cfg.head_hidden_dim, cfg.out_dim)
+    head = head_flops_per_token(D, cfg.head_hidden_dim, cfg.bottleneck_dim)
 
     def crop_forward(size: int, head_tokens: str) -> int:
         P = (size // cfg.patch_size) ** 2
@@ -70,7 +95,7 @@ def model_flops_per_image(cfg: train.Config) -> int:
         return embed + vit_flops_per_image(D, depth, 1 + P) + head * (1 + P if head_tokens == "all" else 1)
 
     global_crop = crop_forward(cfg.global_crops_size, "all" if methods.uses_patch_tokens(cfg) else "cls")
-    local_crop = crop_forward(cfg.local_crops_size, "cls")  # local patch tokens skip the head (model.SOPNetwork)
+    local_crop = crop_forward(cfg.local_crops_size, "cls")  # local patch tokens skip the head (model.MultiCropWrapper)
     teacher = 2 * global_crop
     student = 2 * global_crop + cfg.local_crops_number * local_crop
     return teacher + 3 * student
@@ -93,17 +118,16 @@ def timed(fn, steps: int, device: torch.device) -> list[float]:
 def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, device: torch.device,
           peak: float | None, profile: bool, augment_only: bool = False) -> dict:
     cfg = train.parse_config(flags + ["--compile", str(compile_).lower(), "--device", device.type])
-    trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=10 ** 6)
-    B, size = cfg.batch_size_per_gpu, SOURCE_SIZE.get(name, cfg.global_crops_size)
-    torch.manual_seed(0)
-    dataset = torch.randint(0, 256, (4 * B, 3, size, size), dtype=torch.uint8, device=device)  # held on the device
+    trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=STEPS_PER_EPOCH.get(name, 100))
+    B = cfg.batch_size_per_gpu
+    dataset, sizes = source_images(name, cfg, 4 * B, device)  # held on the device
     step = 0
 
-    # Augmentation + masking alone, with the step's shapes.
+    # Augmentation + masking alone, with the step's shapes (the masks are drawn once per epoch: train.py).
     gen = torch.Generator(device).manual_seed(0)
 
     def augment():
-        crops, _ = trainer.augment(dataset[:B], gen)
+        crops, _ = trainer.augment(dataset[:B], gen, None if sizes is None else sizes[:B])
         trainer.make_masks(crops.shape[0], gen)
     timed(augment, 2, device)
     aug_s = statistics.median(timed(augment, max(3, steps // 2), device))
@@ -115,7 +139,8 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
     def train_step():
         nonlocal step
         idx = torch.randint(0, len(dataset), (B,), device=device)
-        trainer.train_step(dataset[idx], 1000 + step)
+        trainer.train_step(dataset[idx], len(trainer.schedules["lr"]) // 2 + step,  # mid-run schedules
+                           indices=idx, sizes=None if sizes is None else sizes[idx])
         step += 1
     for _ in range(warmup):
         train_step()
@@ -139,12 +164,12 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
     # Memory work alone: T_C class draws and the patch draw, their probabilities forward and backward.
     G, V = 2 * B, (2 + cfg.local_crops_number) * B
     P = (cfg.global_crops_size // cfg.patch_size) ** 2
-    cls_s = F.normalize(torch.randn(V, cfg.out_dim, device=device), dim=1).requires_grad_()
-    cls_t = F.normalize(torch.randn(G, cfg.out_dim, device=device), dim=1)
-    pat_s = F.normalize(torch.randn(G, P, cfg.out_dim, device=device), dim=-1).requires_grad_()
-    pat_t = F.normalize(torch.randn(G, P, cfg.out_dim, device=device), dim=-1)
-    class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim).to(device)
-    patch_memory = MemoryBank(cfg.patch_memory_size, cfg.out_dim).to(device)
+    cls_s = F.normalize(torch.randn(V, cfg.bottleneck_dim, device=device), dim=1).requires_grad_()
+    cls_t = F.normalize(torch.randn(G, cfg.bottleneck_dim, device=device), dim=1)
+    pat_s = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1).requires_grad_()
+    pat_t = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1)
+    class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim).to(device)
+    patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim).to(device)
 
     masks = torch.rand(G, P, device=device) < 0.15
 
@@ -171,6 +196,96 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+# ------------------------------------------------------------------------------------------------ hardware-free counts
+class StepCounter(TorchDispatchMode):
+    """Counts the aten ops a step dispatches (each one a kernel launch on a GPU) and their FLOPs (torch's
+    flop_counter formulas: matmuls, convolutions, attention), by part of the step; the part is set by wrappers."""
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.ops, self.flops = "other", Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view:
+            return out  # views (select, expand, transpose, ...) change metadata only: no kernel
+        self.ops[self.part] += 1
+        if func.overloadpacket in flop_registry:
+            self.flops[self.part] += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+        return out
+
+    def within(self, part: str, fn):
+        def wrapped(*args, **kwargs):
+            outer, self.part = self.part, part
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.part = outer
+        return wrapped
+
+
+COUNT_PARTS = ("augmentation", "masks", "networks", "backward", "method", "optimiser+EMA")
+
+
+def count_step(name: str, flags: list[str], batch: int, steps: int = 2) -> dict:
+    """Ops dispatched per step and FLOPs per image, by part, on the CPU (both are hardware-independent; the op
+    count is what a GPU pays in launches). The step is train.py's, at `batch` images (FLOPs scale with it, op
+    counts do not); parts are attributed by wrapping the Trainer's pieces, the rest (schedules, seeding, loss
+    bookkeeping, clipping, AdamW, the EMA) counts as optimiser+EMA."""
+    cfg = train.parse_config(flags + ["--device", "cpu", "--batch_size_per_gpu", str(batch)])
+    trainer = train.Trainer(cfg, torch.device("cpu"), world=1, steps_per_epoch=STEPS_PER_EPOCH.get(name, 100))
+    images, sizes = source_images(name, cfg, batch, torch.device("cpu"))
+    counter = StepCounter()
+    trainer.augment = counter.within("augmentation", trainer.augment)
+    trainer.make_masks = counter.within("masks", trainer.make_masks)
+    trainer.student_forward = counter.within("networks", trainer.student_forward)
+    trainer.teacher_forward = counter.within("networks", trainer.teacher_forward)
+    trainer.method.loss = counter.within("method", trainer.method.loss)
+    trainer.method.update = counter.within("method", trainer.method.update)
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = counter.within("backward", backward)
+    try:
+        with counter:  # the first step: the epoch's masks, and lazy state (AdamW moments) that is not counted
+            trainer.train_step(images, 0, sizes=sizes)
+        epoch_masks = counter.ops["masks"], counter.flops["masks"]
+        counter.ops.clear(), counter.flops.clear()
+        with counter:
+            for s in range(steps):
+                trainer.train_step(images, 1 + s, sizes=sizes)
+    finally:
+        torch.Tensor.backward = backward
+    if hasattr(trainer, "block_masks"):  # drawn once per epoch (older code: every step, counted above)
+        counter.ops["masks"] += epoch_masks[0] * steps / trainer.steps_per_epoch
+        counter.flops["masks"] += epoch_masks[1] * steps / trainer.steps_per_epoch
+    parts = dict(zip(COUNT_PARTS, (*COUNT_PARTS[:-1], "other")))
+    ops = {part: counter.ops[key] / steps for part, key in parts.items()}
+    flops = {part: counter.flops[key] / steps / batch / 1e9 for part, key in parts.items()}
+    return {"config": name, "count_batch": batch, "ops_per_step": ops, "ops_total": sum(ops.values()),
+            "gflops_per_image": flops, "gflops_total": sum(flops.values())}
+
+
+def count_compile(name: str, flags: list[str], batch: int, steps: int = 4) -> dict:
+    """Graphs, graph breaks and recompiles of the compiled networks over the first steps (dynamo with the 'eager'
+    backend: the same graph capture as inductor, without code generation). The steps straddle a teacher-temperature
+    change (the schedule's warm-up), which reaches only the uncompiled loss."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    cfg = train.parse_config(flags + ["--device", "cpu", "--batch_size_per_gpu", str(batch)])
+    trainer = train.Trainer(cfg, torch.device("cpu"), world=1, steps_per_epoch=2)
+    trainer.student_forward = torch.compile(trainer.student, backend="eager")
+    trainer.teacher_forward = torch.compile(trainer.teacher, backend="eager")
+    images, sizes = source_images(name, cfg, batch, torch.device("cpu"))
+    dynamo.reset()
+    counters.clear()
+    trainer.train_step(images, 0, sizes=sizes)
+    first = counters["stats"]["unique_graphs"]
+    for s in range(1, steps):
+        trainer.train_step(images, s, sizes=sizes)
+    return {"config": name, "graphs": first, "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": dict(counters["graph_break"]),
+            "recompiles_after_step_1": counters["stats"]["unique_graphs"] - first}
 
 
 def peer(device: torch.device, batch: int = 128, steps: int = 20, warmup: int = 5, compile_: bool = True) -> dict:
@@ -202,7 +317,8 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                         help="default: imagenet_vit_s16 cifar_vit_s4 cifar_vit_t4, or none when --custom is given")
     parser.add_argument("--custom", nargs="+", default=[], metavar="NAME=FLAGS",
-                        help='more configurations from train.py flags, e.g. "mim0=--preset cifar --patch_loss_weight 0"')
+                        help='more configurations from train.py flags, e.g. "mim0=--preset cifar '
+                             '--patch_loss_weight 0"')
     parser.add_argument("--compile", choices=("both", "true", "false"), default="both")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
@@ -213,6 +329,11 @@ def main(argv=None):
     parser.add_argument("--augment_only", action="store_true", help="time only augmentation + masking")
     parser.add_argument("--peer", action="store_true",
                         help="also time our ViT-S/16 forward + backward against timm's at batch 128 (needs timm)")
+    parser.add_argument("--count", action="store_true",
+                        help="instead of timing: ops dispatched per step and FLOPs per image by part, and the compiled "
+                             "networks' graphs, graph breaks and recompiles (on the CPU, hardware-independent)")
+    parser.add_argument("--count_batch", type=int, default=8, help="--count: images per step (op counts do not "
+                        "depend on it)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     default = () if args.custom else GPU_CONFIGS
@@ -225,7 +346,7 @@ def main(argv=None):
         configs[name] = shlex.split(flags)
     for name, flags in configs.items():  # every configuration's flags checked before any compute
         try:
-            train.validate(train.parse_config(flags), world_size=1)
+            train.validate(train.parse_config(flags + ["--dataset", "synthetic"]), world_size=1)  # reads no data
         except train.ConfigError as e:
             parser.error(f"configuration {name}: {e}")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -234,6 +355,9 @@ def main(argv=None):
            "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"torch {run['torch']}, device {run['device']} ({run['cpu_threads']} CPU threads), {run['date']}")
+    if args.count:
+        return write_json([{**count_step(name, flags, args.count_batch), **count_compile(name, flags, args.count_batch),
+                            **run} for name, flags in configs.items()], args.json, print_counts)
     results = []
     for name, flags in configs.items():
         for compile_ in {"both": (False, True), "true": (True,), "false": (False,)}[args.compile]:
@@ -259,11 +383,28 @@ def main(argv=None):
         results.append(r)
         print(f"\npeer, ViT-S/16 forward + backward, batch {r['batch']}, bf16, compiled: ours {r['ours_ms']:.1f} ms, "
               f"timm {r['timm_ms']:.1f} ms, ours {r['ours_speed_over_timm']:.2f}x timm's speed")
-    results = [{**r, **run} for r in results]  # each object names the machine, torch, date and command
-    if args.json:
-        with open(args.json, "w") as f:
+    return write_json([{**r, **run} for r in results], args.json)  # each names the machine, torch, date, command
+
+
+def write_json(results: list[dict], path: str | None, show=None) -> list[dict]:
+    if show is not None:
+        show(results)
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def print_counts(results: list[dict]) -> None:
+    print(f"\n{'config':<18}" + "".join(f"{p:>14}" for p in COUNT_PARTS) + f"{'total':>8}{'non-net':>9}"
+          f"{'graphs':>8}{'breaks':>8}{'recomp':>8}")
+    for r in results:
+        ops = r["ops_per_step"]
+        non_network = sum(v for p, v in ops.items() if p not in ("networks", "backward"))
+        print(f"{r['config']:<18}" + "".join(f"{ops[p]:>14.0f}" for p in COUNT_PARTS) + f"{r['ops_total']:>8.0f}"
+              f"{non_network:>9.0f}{r['graphs']:>8}{r['graph_breaks']:>8}{r['recompiles_after_step_1']:>8}")
+    print("GFLOP per image by part: " + "; ".join(f"{r['config']}: " + ", ".join(
+        f"{p} {v:.3g}" for p, v in r["gflops_per_image"].items()) for r in results))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def make_jpegs(folder: Path, num_images: int, size=(500, 375), quality: int = 90
 
 
 def former_transform(path: str, size: int = 224) -> np.ndarray:
-    """The training transform before issue 14: full decode, shorter side to size (bicubic), central square."""
+    """The former training transform, before data.decode_image and its canvas: full decode, shorter side to size
+    (bicubic), central square."""
     from PIL import Image
 
     with Image.open(path) as image:

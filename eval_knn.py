@@ -1,4 +1,4 @@
-"""Weighted k-NN evaluation of a frozen backbone (DINO protocol, spec §7.1).
+"""Weighted k-NN evaluation of a frozen backbone (facebookresearch/dino eval_knn.py knn_classifier).
 
 Features are the final-normed [CLS] token of the teacher backbone, L2-normalised. Each test image votes over its k
 most cosine-similar training images with weight exp(similarity / T), T = 0.07; top-1/top-5 are reported for k in
@@ -11,16 +11,14 @@ most cosine-similar training images with weight exp(similarity / T), T = 0.07; t
 """
 import argparse
 import math
-import pickle
 import sys
-import zipfile
-import zlib
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+from checkpoint import read_checkpoint
 from model import ARCHS, build_backbone
 
 KNN_KS = (10, 20, 100, 200)
@@ -61,7 +59,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device
     for s, images in zip(mine, batches):
         x = data.normalize_images(images.to(device, non_blocking=True), image_size)  # (b, 3, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls = backbone(x)[:, 0]  # (b, D), paper §7.1: final-normed [CLS] of the last block
+            cls = backbone(x)[:, 0]  # (b, D): the final-normed [CLS] of the last block, as DINO
         features[s:s + len(cls)] = F.normalize(cls.float(), dim=1)
     backbone.train(was_training)
     if world > 1:
@@ -105,25 +103,6 @@ def knn_evaluate(backbone, train_set, test_set, device, batch_size=256, image_si
     test_features = extract_features(backbone, test_set, batch_size, device, image_size, num_workers)
     return knn_classify(train_features, train_set.labels, test_features, test_set.labels,
                         max(train_set.num_classes, test_set.num_classes), ks, temperature)
-
-
-def read_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only. A file that would need arbitrary code to
-    unpickle, a corrupt one, or one whose zip CRCs do not match its bytes (a flipped bit inside a tensor, which
-    torch.load itself does not notice) raises ValueError with a one-line reason."""
-    try:
-        if zipfile.is_zipfile(path):  # torch.save's format; older (legacy) pickles carry no checksums
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()  # reads every member and checks its CRC-32
-            if bad is not None:
-                raise ValueError(f"{path}: corrupt checkpoint: the CRC of member {bad} does not match its bytes")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0])
-        raise ValueError(f"{path}: refused or unreadable (checkpoints load with weights_only=True): {reason}")
 
 
 def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, interpolate_offset: float | None = None):

@@ -8,10 +8,11 @@ the first R ranks of precision at each relevant rank, divided by R), mAP over th
 share of queries with at least one relevant image among the first k). Queries go in chunks, so no
 queries x database matrix is ever held whole.
 
-Revisited Oxford 5k / Paris 6k (spec §7.3, the paper's retrieval benchmark; Radenović et al., CVPR 2018): the
-70 queries are cropped to their boxes, every image is resized so that its longer side is --imsize, optionally
-embedded at scales 1, 1/sqrt 2, 1/2 (features averaged, then renormalised); mAP is reported for the Medium setting
-(easy + hard images are positives) and the Hard setting (hard images are positives, easy ones count as junk).
+Revisited Oxford 5k / Paris 6k (the paper's retrieval benchmark, protocol of sthalles/sop
+evaluation/eval_image_retrieval.py; Radenović et al., CVPR 2018): the 70 queries are cropped to their boxes, every
+image is resized so that its longer side is --imsize, optionally embedded at scales 1, 1/sqrt 2, 1/2 (features
+averaged, then renormalised); mAP is reported for the Medium setting (easy + hard images are positives) and the Hard
+setting (hard images are positives, easy ones count as junk).
 Junk images are taken out of the ranking before positions are counted, and AP is the trapezoid rule over the
 recall steps, the convention of the revisitop evaluation code.
 

@@ -1,8 +1,8 @@
-"""SOP loss on [CLS] and SOP-MIM loss on masked patches (spec §3).
+"""SOP loss on [CLS] and SOP-MIM loss on masked patches, the paper's two objectives.
 
 Both compare a teacher distribution q over SOPs (the target, no gradient) with a student distribution p by the
-cross-entropy H(q, p) = -sum_c q_c log p_c, in fp32 with a clamped log (Decision 4). Inputs are view-major, as
-model.SOPNetwork returns them. Shapes follow the legend in model.py.
+cross-entropy H(q, p) = -sum_c q_c log p_c, in fp32 with a clamped log (README, "Deviations from the official code":
+Numerics). Inputs are view-major, as model.MultiCropWrapper returns them. Shapes follow the legend in model.py.
 """
 import torch
 
@@ -15,7 +15,7 @@ def cross_entropy(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> t
 
 
 def sop_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Global SOP loss (spec §3.1) for one draw: every teacher global view against every other student view.
+    """Global SOP loss (the paper's L_SOP) for one draw: every teacher global view against every other student view.
 
     student_probs (V B, M): all student views (the 2 masked globals first, then the locals).
     teacher_probs (G B, M): the teacher's G = 2 unmasked global views.
@@ -43,7 +43,8 @@ def cross_view_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor
 
 
 def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """SOP-MIM loss (spec §3.2): the masked student crop predicts the unmasked teacher crop of the SAME view.
+    """SOP-MIM loss: the masked student crop predicts the unmasked teacher crop of the SAME view (the pairing of
+    bytedance/ibot main_ibot.py iBOTLoss).
 
     student_probs, teacher_probs (G B, P, M) for the G global views; masks (G B, P) bool, True = masked.
     Per image: cross-entropy summed over its masked patches over their count (images without a mask give 0 and

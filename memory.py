@@ -1,4 +1,5 @@
-"""FIFO memories of teacher embeddings and the self-organizing prototypes drawn from them (spec §2).
+"""FIFO memories of teacher embeddings and the self-organizing prototypes drawn from them (official code:
+sthalles/sop memory_bank.py).
 
 A memory bank holds Q unit-norm teacher embeddings of past images. Each draw picks M random anchors; each anchor and
 its k nearest memory neighbours (the support embeddings, SEs) form one self-organizing prototype (SOP). A view u is
@@ -28,7 +29,7 @@ class MemoryBank(nn.Module):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
-        # Random points on the unit sphere until real embeddings arrive (spec §2.2); the default generator makes
+        # Random points on the unit sphere until real embeddings arrive; the default generator makes
         # the start identical on every rank, since every rank seeds it the same way.
         self.register_buffer("memory", F.normalize(torch.randn(size, dim), dim=1))  # (Q, d)
         self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))  # (Q,) dataset index of each row
@@ -64,12 +65,13 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def draw(self, num_anchors: int, num_neighbors: int, smoothing: float,
              generator: torch.Generator) -> "SOPs":
-        """Draw M = num_anchors SOPs of k = num_neighbors neighbours each (spec §2.4, Decisions 1, 2, 5).
+        """Draw M = num_anchors SOPs of k = num_neighbors neighbours each.
 
         Anchors are a uniform random subset of the memory; the remaining Q - M rows form the search pool, so anchors
         are never neighbours of each other (neighbours may be shared). Neighbours are the k most cosine-similar pool
         rows of each anchor and vote for it with that similarity; the anchor votes with 1 - smoothing. The draw
         depends only on the memory and the generator: seed it from (seed, step) and every rank builds the same SOPs.
+        README, "Deviations from the official code": Anchors, Same anchors on every rank.
         """
         Q = self.memory.shape[0]
         if not (0 < num_anchors and num_anchors + num_neighbors <= Q):
@@ -147,7 +149,7 @@ class SOPs:
         return self.weights.shape[0]
 
     def vote_matrix(self) -> torch.Tensor:
-        """Y (S, M): Y[r, c] = w_r if SE r belongs to SOP c, else (1 - w_r) / (M - 1) (spec §2.4.6).
+        """Y (S, M): Y[r, c] = w_r if SE r belongs to SOP c, else (1 - w_r) / (M - 1).
 
         Every row is a label-smoothed one-hot vote and sums to 1. `probabilities` never builds Y (S x M would be
         36864 x 4096 at the ImageNet setting); this is the reference it must agree with.
@@ -160,7 +162,8 @@ class SOPs:
         return Y / Y.sum(1, keepdim=True)  # a no-op up to rounding, except for M = 1 where Y = 1
 
     def probabilities(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
-        """P(u) = softmax(u D^T / tau) Y over the M SOPs, in fp32 whatever the autocast dtype (Decision 4).
+        """P(u) = softmax(u D^T / tau) Y over the M SOPs, in fp32 whatever the autocast dtype (README,
+        "Deviations from the official code": Numerics).
 
         u (..., d) unit-norm embeddings ((n, d) for [CLS], (n, P, d) for patches) -> (..., M), rows sum to 1.
         Y's structure gives the product without Y: with a = softmax over all S SEs (paper: joint, not per SOP),

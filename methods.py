@@ -1,19 +1,24 @@
-"""What differs between SOP and the methods it is compared with: one flat object per method (FAMILY_SPEC §1-6).
+"""What differs between SOP and the methods it is compared with: one flat object per method.
 
 Everything else (crops, masks, schedules, AdamW, clipping, the EMA teacher, the loop) is shared in train.py. A method
 object owns its state (memories, centres; learnable prototype layers live in the networks, so DDP, AdamW and the EMA
 treat them like any weight), turns the networks' outputs into the losses with `loss(...)`, and updates its state
 after the optimizer step with `update(...)`:
 
-    SOP    self-organizing prototypes drawn from FIFO memories of teacher embeddings (the paper; spec §2, §3)
-    IBOT   learnable prototype layer, centring + sharpening, [CLS] and masked-patch losses (FAMILY_SPEC §2)
-    DINO   iBOT's [CLS] part alone (FAMILY_SPEC §3)
-    MaSSL  the class memory split into random blocks, one softmax per block (FAMILY_SPEC §4)
-    CARP   learnable prototypes split into random blocks, consistency + uniformity (FAMILY_SPEC §5)
+    SOP    self-organizing prototypes drawn from FIFO memories of teacher embeddings (the paper; sthalles/sop
+           main_ibot.py, memory_bank.py)
+    IBOT   learnable prototype layer, centring + sharpening, [CLS] and masked-patch losses (bytedance/ibot
+           main_ibot.py iBOTLoss)
+    DINO   iBOT's [CLS] part alone (facebookresearch/dino main_dino.py DINOLoss)
+    MaSSL  the class memory split into random blocks, one softmax per block (sthalles/MaSSL criterion.py,
+           random_partition.py)
+    CARP   learnable prototypes split into random blocks, consistency + uniformity (sthalles/carp
+           modules/carp_loss.py)
 
-`loss(student, teacher, masks, teacher_temp, generator)` gets the networks' output tuples (cls ((2 + V_l) B, d) and
-patch (2B, P, d) embeddings, then, for methods with a prototype layer, their logits) and returns
+`loss(student, teacher, masks, teacher_temp, generator)` gets the networks' outputs (model.NetworkOutput: `.cls`,
+`.patch`, and for methods with a prototype layer `.cls_logits`, `.patch_logits`) and returns
 (loss, loss_cls, loss_patch, teacher_entropy); `generator` is seeded from (seed, step) and identical on every rank.
+README, "How SOP and the baselines differ", lists what each official implementation does differently.
 Shapes follow the legend in model.py; K = learnable prototypes or memory rows split into blocks, NB = block size.
 """
 import math
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 
 from losses import cross_view_loss, masked_patch_loss, sop_loss, sop_mim_loss
 from memory import MemoryBank
-from model import SOPNetwork
+from model import MultiCropWrapper, NetworkOutput
 
 # Config fields that only some methods read; every other field is shared. A flag given on the command line for a
 # method that ignores it is an error (train.parse_config).
@@ -55,15 +60,15 @@ def uses_patch_tokens(cfg) -> bool:
     return cfg.method in ("sop", "ibot") and cfg.patch_loss_weight > 0
 
 
-def build_network(cfg, backbone: nn.Module, head: nn.Module) -> SOPNetwork:
+def build_network(cfg, backbone: nn.Module, head: nn.Module) -> MultiCropWrapper:
     """The student or teacher network: a prototype layer after the head for iBOT, DINO and CARP."""
     patch = uses_patch_tokens(cfg)
     if cfg.method not in ("ibot", "dino", "carp"):
-        return SOPNetwork(backbone, head, patch)
-    patch_prototypes = None if (not patch or cfg.shared_head) else PrototypeLayer(cfg.out_dim, cfg.num_prototypes,
-                                                                               cfg.norm_last_layer)
-    return PrototypeNetwork(backbone, head, PrototypeLayer(cfg.out_dim, cfg.num_prototypes, cfg.norm_last_layer),
-                            patch, patch_prototypes)
+        return MultiCropWrapper(backbone, head, patch)
+    def layer():
+        return PrototypeLayer(cfg.bottleneck_dim, cfg.num_prototypes, cfg.norm_last_layer)
+    patch_prototypes = None if (not patch or cfg.shared_head) else layer()  # drawn first: the order fixes the initial weights
+    return PrototypeNetwork(backbone, head, layer(), patch, patch_prototypes)
 
 
 def build_method(cfg) -> nn.Module:
@@ -80,40 +85,42 @@ def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
 
 
 class SOP(nn.Module):
-    """The paper: [CLS] and patch memories, SOPs drawn from them each step (spec §2, §3)."""
+    """The paper: [CLS] and patch memories, SOPs drawn from them each step (sthalles/sop main_ibot.py)."""
     uses_masks = True  # the student sees block-masked global crops
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim)
-        self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.out_dim)
+        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim)
+        self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim)
 
     def loss(self, student, teacher, masks, teacher_temp, generator):
         cfg = self.cfg
-        (student_cls, student_patch), (teacher_cls, teacher_patch) = student, teacher
-        # ---- SOP loss on [CLS], averaged over T_C draws of M_C prototypes (spec §3.1)
+        # ---- SOP loss on [CLS], averaged over T_C draws of M_C prototypes (paper: L_SOP; official
+        # --num_class_tasks draws)
         loss_cls, entropy = 0.0, 0.0
         for _ in range(cfg.class_draws):
             sops = self.class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, generator)
-            teacher_probs = sops.probabilities(teacher_cls, teacher_temp)  # (2B, M_C)
-            student_probs = sops.probabilities(student_cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
+            teacher_probs = sops.probabilities(teacher.cls, teacher_temp)  # (2B, M_C)
+            student_probs = sops.probabilities(student.cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
             loss_cls = loss_cls + sop_loss(student_probs, teacher_probs) / cfg.class_draws
             entropy = entropy + teacher_entropy(teacher_probs) / cfg.class_draws
-        # ---- SOP-MIM loss on the masked patches of the global crops (spec §3.2); weight 0: not computed
+        # ---- SOP-MIM loss on the masked patches of the global crops (paper: L_MIM); weight 0: not computed
         loss_patch = torch.zeros_like(loss_cls)
-        if student_patch is not None:
+        if student.patch is not None:
             psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, generator)
-            loss_patch = sop_mim_loss(psops.probabilities(student_patch, cfg.student_temp),
-                                      psops.probabilities(teacher_patch, teacher_temp), masks)
-        loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # spec §3.3
+            loss_patch = sop_mim_loss(psops.probabilities(student.patch, cfg.student_temp),
+                                      psops.probabilities(teacher.patch, teacher_temp), masks)
+        loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # paper: λ1 L_SOP + λ2 L_MIM
         return loss, loss_cls, loss_patch, entropy
 
     @torch.no_grad()
     def update(self, teacher, indices: torch.Tensor | None = None) -> None:
-        """Memories are enqueued only now, after the losses read them (spec §1.4, §8.4; Decision 3). indices (B,):
+        """Memories are enqueued only now, after the losses read them (as sthalles/sop main_ibot.py: the SEs of this
+        step come from the memory before its update). What enters: the teacher [CLS] of the second global crop,
+        and one uniformly random teacher patch of it per image (sthalles/sop main_ibot.py). indices (B,):
         the images' dataset indices, kept beside their memory rows (visualize.py)."""
-        teacher_cls, teacher_patch = teacher[:2]
+        teacher_cls, teacher_patch = teacher.cls, teacher.patch
         B = teacher_cls.shape[0] // 2
         second_view = slice(B, 2 * B)
         self.class_memory.enqueue(teacher_cls[second_view], indices)
@@ -126,29 +133,31 @@ class SOP(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- learnable prototypes
 class PrototypeLayer(nn.Module):
-    """Weight-normalised linear without bias (DINO/iBOT's `last_layer`): logit_k = g_k <v_k / |v_k|, z> (§2(f)).
+    """Weight-normalised linear without bias (DINO/iBOT's `last_layer`): logit_k = g_k <v_k / |v_k|, z>.
 
     The gain g is fixed at 1 when norm_last_layer; otherwise it is a learnable 1-D tensor, so AdamW's rule keeps it
-    out of weight decay (the official (K, 1) gain is decayed: FAMILY_SPEC §2(e)3, fixed here).
+    out of weight decay (the official (K, 1) `weight_g` is decayed; README, "Deviations from the official code").
+    The logits are computed in fp32 under autocast, like SOP's similarities, so the methods compare evenly.
     """
 
     def __init__(self, dim: int, num_prototypes: int, norm_last_layer: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_prototypes, dim))  # (K, d) rows v_k
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init, as the official layer (§2(e)3)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init, as the official layer
         self.gain = None if norm_last_layer else nn.Parameter(torch.ones(num_prototypes))  # (K,)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., d) -> logits (..., K)."""
-        logits = z @ F.normalize(self.weight, dim=1).T  # (..., K)
-        return logits if self.gain is None else logits * self.gain
+        with torch.autocast(z.device.type, enabled=False):
+            logits = z.float() @ F.normalize(self.weight.float(), dim=1).T  # (..., K)
+            return logits if self.gain is None else logits * self.gain.float()
 
 
-class PrototypeNetwork(SOPNetwork):
-    """SOPNetwork with a prototype layer after the head, inside the one forward that DDP wraps.
+class PrototypeNetwork(MultiCropWrapper):
+    """MultiCropWrapper with a prototype layer after the head, inside the one forward that DDP wraps.
 
     The layer is registered under the head (keys `head.prototypes.*`, like iBOT's `head.last_layer`), so
-    backbone-only loaders skip it. Returns (cls, patch or None, cls_logits, patch_logits or None).
+    backbone-only loaders skip it. Returns a NetworkOutput with all four fields (patch ones None without MIM).
     """
 
     def __init__(self, backbone, head, prototypes: PrototypeLayer, patch: bool,
@@ -157,12 +166,11 @@ class PrototypeNetwork(SOPNetwork):
         head.prototypes = prototypes
         head.patch_prototypes = patch_prototypes  # iBOT with shared_head false: a second layer for patches
 
-    def forward(self, global_crops, masks=None, local_crops=None):
-        cls, patch = super().forward(global_crops, masks, local_crops)  # ((2 + V_l) B, d), (2B, P, d) or None
-        if patch is None:
-            return cls, None, self.head.prototypes(cls), None
+    def forward(self, global_crops, masks=None, local_crops=None) -> NetworkOutput:
+        cls, patch = super().forward(global_crops, masks, local_crops)[:2]  # ((2 + V_l) B, d), (2B, P, d) or None
         patch_layer = self.head.prototypes if self.head.patch_prototypes is None else self.head.patch_prototypes
-        return cls, patch, self.head.prototypes(cls), patch_layer(patch)  # ..., ((2 + V_l) B, K), (2B, P, K)
+        patch_logits = None if patch is None else patch_layer(patch)  # (2B, P, K)
+        return NetworkOutput(cls, patch, self.head.prototypes(cls), patch_logits)  # cls_logits ((2 + V_l) B, K)
 
 
 class Centers(nn.Module):
@@ -176,7 +184,8 @@ class Centers(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_cls_logits: torch.Tensor, teacher_patch_logits: torch.Tensor | None) -> None:
-        """c <- m c + (1 - m) sum_rows(t) / (2B W); c2 the same over the per-image mean of ALL P patches (§2(a).5)."""
+        """c <- m c + (1 - m) sum_rows(t) / (2B W); c2 the same over the per-image mean of ALL P patches
+        (bytedance/ibot main_ibot.py iBOTLoss.update_center)."""
         sums = [teacher_cls_logits.float().sum(0)]  # (K,)
         patch = self.patch is not None and teacher_patch_logits is not None  # None: iBOT with MIM weight 0
         if patch:
@@ -187,13 +196,14 @@ class Centers(nn.Module):
             dist.all_reduce(sums)  # one collective for both centres: every rank gets the same centres
             world = dist.get_world_size()
         means = sums / (teacher_cls_logits.shape[0] * world)
-        self.cls.lerp_(means[0].view_as(self.cls), 1 - self.momentum)  # FAMILY_SPEC §2(a).5
+        self.cls.lerp_(means[0].view_as(self.cls), 1 - self.momentum)
         if patch:
             self.patch.lerp_(means[1].view_as(self.patch), 1 - self.momentum)
 
 
 class IBOT(nn.Module):
-    """iBOT (FAMILY_SPEC §2): centred, sharpened teacher softmax over K learnable prototypes; [CLS] + patches."""
+    """iBOT (bytedance/ibot main_ibot.py iBOTLoss): centred, sharpened teacher softmax over K learnable prototypes;
+    [CLS] + masked patches."""
     uses_masks = True
     patch_term = True  # L_MIM and c2, the centre of the teacher patch logits
 
@@ -204,25 +214,25 @@ class IBOT(nn.Module):
 
     def loss(self, student, teacher, masks, teacher_temp, generator):
         cfg, c = self.cfg, self.centers
-        student_cls, teacher_cls = student[2].float(), teacher[2].float()  # ((2 + V_l) B, K), (2B, K)
-        # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp (§2(a).4)
+        student_cls, teacher_cls = student.cls_logits.float(), teacher.cls_logits.float()  # ((2 + V_l) B, K), (2B, K)
+        # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp
         teacher_probs = ((teacher_cls - c.cls) / teacher_temp).softmax(-1)  # (2B, K)
-        loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)  # §2(a).4
+        loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)
         loss_patch = torch.zeros_like(loss_cls)  # MIM weight 0 or DINO: no patch logits, nothing computed
-        if self.patch_term and student[3] is not None:
-            student_patch, teacher_patch = student[3].float(), teacher[3].float()  # (2B, P, K)
+        if self.patch_term and student.patch_logits is not None:
+            student_patch, teacher_patch = student.patch_logits.float(), teacher.patch_logits.float()  # (2B, P, K)
             teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
             loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
-                                           masks)  # §2(a).4, same view, masked patches only
+                                           masks)  # same view, masked patches only
         loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # λ1 L_cls + λ2 L_mim
         return loss, loss_cls, loss_patch, teacher_entropy(teacher_probs)
 
     def update(self, teacher, indices=None) -> None:
-        self.centers.update(teacher[2], teacher[3])  # after the loss used the old centres (§2(e)7)
+        self.centers.update(teacher.cls_logits, teacher.patch_logits)  # after the loss used the old centres
 
 
 class DINO(IBOT):
-    """DINO (FAMILY_SPEC §3): iBOT's [CLS] term alone (§3(a).4), with its weight at the default 1; no masks, no
+    """DINO (facebookresearch/dino main_dino.py DINOLoss): iBOT's [CLS] term alone, weight 1; no masks, no
     patch term or c2 (its networks give no patch logits: uses_patch_tokens)."""
     uses_masks = False
     patch_term = False
@@ -230,41 +240,45 @@ class DINO(IBOT):
 
 # ----------------------------------------------------------------------------------- random blocks: MaSSL and CARP
 def random_blocks(size: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random partition of range(size) into size // block_size blocks: (NP, NB) indices (FAMILY_SPEC §4(a).7).
+    """A random partition of range(size) into size // block_size blocks: (NP, NB) indices (sthalles/MaSSL
+    random_partition.py).
 
-    Drawn from the (seed, step) generator, so every rank draws the same partition without a broadcast (§5(e)4).
+    Drawn from the (seed, step) generator, so every rank draws the same partition without the broadcast that
+    sthalles/carp modules/random_partition.py needs.
     """
     perm = torch.randperm(size, generator=generator, device=generator.device)  # (K,)
     return perm.view(size // block_size, block_size)  # (NP, NB); train.py requires NB | K
 
 
 class MaSSL(nn.Module):
-    """MaSSL (FAMILY_SPEC §4): the class memory's rows, in random blocks, play the prototypes; [CLS] only."""
+    """MaSSL (sthalles/MaSSL criterion.py): the class memory's rows, in random blocks, play the prototypes; [CLS]
+    only."""
     uses_masks = False
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.out_dim)
+        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim)
 
     def loss(self, student, teacher, masks, teacher_temp, generator):
         blocks = self.class_memory.memory[random_blocks(self.cfg.class_memory_size, self.cfg.partition_size,
                                                         generator)]  # (NP, NB, d), the pre-update memory
         with torch.autocast(blocks.device.type, enabled=False):
-            student_logits = torch.einsum("nd,kcd->nkc", student[0].float(), blocks)  # ((2 + V_l) B, NP, NB)
-            teacher_logits = torch.einsum("nd,kcd->nkc", teacher[0].float(), blocks)  # (2B, NP, NB)
-            teacher_probs = (teacher_logits / teacher_temp).softmax(-1)  # softmax within each block (§4(a).8)
+            student_logits = torch.einsum("nd,kcd->nkc", student.cls.float(), blocks)  # ((2 + V_l) B, NP, NB)
+            teacher_logits = torch.einsum("nd,kcd->nkc", teacher.cls.float(), blocks)  # (2B, NP, NB)
+            teacher_probs = (teacher_logits / teacher_temp).softmax(-1)  # softmax within each block
             loss = cross_view_loss((student_logits / self.cfg.student_temp).log_softmax(-1), teacher_probs)
         return loss, loss, torch.zeros_like(loss), teacher_entropy(teacher_probs)
 
     @torch.no_grad()
     def update(self, teacher, indices=None) -> None:
-        B = teacher[0].shape[0] // 2
-        self.class_memory.enqueue(teacher[0][B:], indices)  # the teacher's second global view only (§4(a).5)
+        B = teacher.cls.shape[0] // 2
+        self.class_memory.enqueue(teacher.cls[B:], indices)  # the teacher's second global view only, as MaSSL
 
 
 class _GatherWithGradient(torch.autograd.Function):
-    """all_gather whose backward sums the incoming gradient over ranks and keeps this rank's slice (§5(a).7)."""
+    """all_gather whose backward sums the incoming gradient over ranks and keeps this rank's slice, as
+    sthalles/carp's gathered uniformity term needs."""
 
     @staticmethod
     def forward(ctx, x):
@@ -280,14 +294,15 @@ class _GatherWithGradient(torch.autograd.Function):
 
 
 class CARP(nn.Module):
-    """CARP (FAMILY_SPEC §5): learnable prototypes in random blocks; consistency + uniformity, no centring.
+    """CARP (sthalles/carp modules/carp_loss.py): learnable prototypes in random blocks; consistency + uniformity,
+    no centring.
 
     carp_cosine (default): our head's unit-norm embeddings give cosine logits, so student_temp and the teacher_temp
-    schedule sharpen them (a softmax over NB cosines would be nearly uniform, §5(e)7). carp_cosine false: the
+    schedule sharpen them (a softmax over NB cosines would be nearly uniform). carp_cosine false: the
     official form, an unnormalised head and no temperature.
     """
     uses_masks = False
-    EPS = torch.finfo(torch.float32).eps  # the official clamp (§5(d))
+    EPS = torch.finfo(torch.float32).eps  # the official clamp
 
     def __init__(self, cfg):
         super().__init__()
@@ -297,26 +312,26 @@ class CARP(nn.Module):
         cfg = self.cfg
         idx = random_blocks(cfg.num_prototypes, cfg.partition_size, generator)  # (NP, NB)
         student_temp, teacher_temp = (cfg.student_temp, teacher_temp) if cfg.carp_cosine else (1.0, 1.0)
-        p = (student[2].float()[:, idx] / student_temp).softmax(-1)  # ((2 + V_l) B, NP, NB), within each block
-        q = (teacher[2].float()[:, idx] / teacher_temp).softmax(-1).detach()  # (2B, NP, NB)
+        p = (student.cls_logits.float()[:, idx] / student_temp).softmax(-1)  # ((2 + V_l) B, NP, NB), within each block
+        q = (teacher.cls_logits.float()[:, idx] / teacher_temp).softmax(-1).detach()  # (2B, NP, NB)
         G, B, NP, NB = 2, q.shape[0] // 2, idx.shape[0], idx.shape[1]
         V = p.shape[0] // B
-        # Consistency: -log P(student view v and teacher view g pick the same prototype of a block) (§5(a).6)
+        # Consistency: -log P(student view v and teacher view g pick the same prototype of a block)
         agree = torch.einsum("gbkc,vbkc->gvbk", q.view(G, B, NP, NB), p.view(V, B, NP, NB))  # (G, V, B, NP)
         same_view = torch.eye(G, V, dtype=torch.bool, device=p.device)[:, :, None, None]
         consistency = -agree.clamp(self.EPS, 1 - self.EPS).log().masked_fill(same_view, 0.0).sum() / (
             B * NP * (G * V - G))
-        # Uniformity: KL(batch-mean assignment || uniform) per block, the batch gathered over ranks (§5(a).7)
+        # Uniformity: KL(batch-mean assignment || uniform) per block, the batch gathered over ranks
         rows = torch.cat((p, q))  # ((V + 2) B, NP, NB)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rows = _GatherWithGradient.apply(rows)  # (W (V + 2) B, NP, NB)
         mean_probs = rows.mean(0)  # (NP, NB)
         uniformity = (math.log(NB) + (mean_probs * mean_probs.clamp(self.EPS, 1 - self.EPS).log()).sum(-1)).mean()
-        loss = consistency + uniformity  # weight 1, as the official code (§5(a).8)
+        loss = consistency + uniformity  # weight 1, as the official code
         return loss, consistency, torch.zeros_like(loss), teacher_entropy(q)  # uniformity = loss - loss_cls
 
     def update(self, teacher, indices=None) -> None:
-        pass  # nothing besides the EMA teacher (§5(c))
+        pass  # nothing besides the EMA teacher
 
 
 METHODS = {"sop": SOP, "ibot": IBOT, "dino": DINO, "massl": MaSSL, "carp": CARP}

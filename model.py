@@ -1,4 +1,4 @@
-"""Vision Transformer backbone and projection head for SOP (spec §4, §5).
+"""Vision Transformer backbone, projection head and the multi-crop wrapper (the paper's ViT-S/B/L backbones).
 
 Shape legend used in every file of this project:
     B  images per GPU            V  views (crops) per image
@@ -12,14 +12,17 @@ Parameter names follow the DINO/timm ViT layout (`patch_embed.proj`, `cls_token`
 `norm`), and the mask token is iBOT's `masked_embed`, so published DINO/iBOT/SOP backbones load into this model and
 ours load into theirs.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = {  # name -> (width D, depth, heads), spec §5
+ARCHS = {  # name -> (width D, depth, heads), as in DINO/iBOT/SOP vision_transformer.py
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),  # the paper's largest model
 }
 
 
@@ -29,7 +32,7 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
         return x
     keep = 1.0 - rate
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
-    return x * mask / keep
+    return x * mask.div_(keep)  # one pass over x (timm's drop_path)
 
 
 class Attention(nn.Module):
@@ -126,7 +129,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size ** 2, embed_dim))
         self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None  # iBOT's name
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth (spec §5)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth, as in DINO
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -191,16 +194,17 @@ class VisionTransformer(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """3-layer MLP (GELU, no BatchNorm) to a d-dim bottleneck, L2-normalised, applied to every token (spec §4).
+    """3-layer MLP (GELU, no BatchNorm) to a d-dim bottleneck, L2-normalised, applied to every token
+    (sthalles/sop models/head.py).
 
     There is no prototype (last) layer: the memory's support embeddings play that role (memory.py).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, normalize: bool = True):
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, normalize: bool = True):
         super().__init__()
         self.normalize = normalize  # False only for CARP's official unnormalised head (methods.CARP)
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, out_dim))
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,11 +214,24 @@ class ProjectionHead(nn.Module):
         return F.normalize(z.float(), dim=-1, eps=1e-6) if self.normalize else z
 
 
-class SOPNetwork(nn.Module):
+class NetworkOutput(NamedTuple):
+    """What a MultiCropWrapper returns, view-major: rows [view 0 of all B images | view 1 | ...].
+
+    cls ((2 + V_l) B, d): unit-norm [CLS] embeddings of every view, the 2 global views first.
+    patch (2B, P, d) or None: unit-norm patch embeddings of the global views, None when no loss reads them.
+    cls_logits ((2 + V_l) B, K), patch_logits (2B, P, K) or None: prototype scores (iBOT, DINO, CARP only).
+    """
+    cls: torch.Tensor
+    patch: torch.Tensor | None
+    cls_logits: torch.Tensor | None = None
+    patch_logits: torch.Tensor | None = None
+
+
+class MultiCropWrapper(nn.Module):
     """Backbone + projection head over all crops of a step, in one forward call (one DDP forward per backward).
 
-    Crops of one resolution share a backbone call (DINO's multi-crop wrapper). Output rows are view-major, as the
-    crops come in: [view 0 of all B images | view 1 | ...].
+    Crops of one resolution share a backbone call, as in DINO's `MultiCropWrapper` (facebookresearch/dino
+    utils.py); the same class serves SOP and every baseline.
     """
 
     def __init__(self, backbone: VisionTransformer, head: ProjectionHead, patch_tokens: bool = True):
@@ -223,11 +240,11 @@ class SOPNetwork(nn.Module):
         self.patch_tokens = patch_tokens  # False: no loss reads patch embeddings, only [CLS] goes through the head
 
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None = None,
-                local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                local_crops: torch.Tensor | None = None) -> NetworkOutput:
         """global_crops (2B, 3, G, G), masks (2B, P) bool or None, local_crops (V_l B, 3, l, l) or None.
 
-        Returns cls ((2 + V_l) B, d) for all views and patch (2B, P, d) for the global views, or None without
-        patch_tokens: the head on the patch tokens costs a quarter of a ViT-S's FLOPs on them, 90 % of a ViT-T's.
+        Without patch_tokens the patch embeddings are not computed: the head on the patch tokens costs a quarter of
+        a ViT-S's FLOPs on them, 90 % of a ViT-T's.
         """
         tokens = self.backbone(global_crops, masks)  # (2B, N, D)
         if self.patch_tokens:
@@ -239,13 +256,13 @@ class SOPNetwork(nn.Module):
             # Local patch tokens are never used, so only their [CLS] goes through the head.
             local_cls = self.head(self.backbone(local_crops)[:, 0])  # (V_l B, d)
             cls = torch.cat((cls, local_cls))  # ((2 + V_l) B, d)
-        return cls, patch
+        return NetworkOutput(cls, patch)
 
 
 def build_backbone(arch: str, img_size: int, patch_size: int, drop_path_rate: float = 0.0,
                    use_mask_token: bool = True, embed_dim: int = 0, depth: int = 0,
                    num_heads: int = 0, interpolate_offset: float = 0.0) -> VisionTransformer:
-    """ViT from a preset name ('vit_tiny', 'vit_small', 'vit_base'); non-zero embed_dim/depth/num_heads override
+    """ViT from a preset name (a key of ARCHS); non-zero embed_dim/depth/num_heads override
     the preset (arch 'custom' needs all three)."""
     width, layers, heads = ARCHS.get(arch, (0, 0, 0))
     if arch != "custom" and arch not in ARCHS:

@@ -7,11 +7,11 @@
     python visualize.py neighbors --checkpoint runs/cpu_demo/checkpoint.pth --out neighbors.png
 
 attention: the [CLS]-to-patch attention of every head of the last block (DINO's maps), one row per image.
-sops: self-organizing prototypes drawn from the checkpoint's class memory as in training (spec §2.4): one row per
+sops: self-organizing prototypes drawn from the checkpoint's class memory as in training (MemoryBank.draw): one row per
     SOP, its anchor first, then its k support embeddings, each shown as the training image it came from with its
     vote weight. Needs a train.py checkpoint (the memory and its index buffer live there).
-neighbors: test images, each followed by its k nearest training images by teacher [CLS] cosine (spec §7.1, the k-NN
-    evaluation's neighbours), framed green when the label agrees and red when it does not.
+neighbors: test images, each followed by its k nearest training images by teacher [CLS] cosine (the neighbours
+    of the k-NN evaluation, eval_knn.py), framed green when the label agrees and red when it does not.
 The same --seed picks the same images and SOPs, so a picture is reproducible.
 """
 import argparse
@@ -173,7 +173,7 @@ def attention_picture(backbone, images: torch.Tensor, image_size: int, tile: int
 def sops_picture(memory: MemoryBank, train_set, dataset_name: str, num_sops: int, num_anchors: int,
                  num_neighbors: int, smoothing: float, seed: int, tile: int, caption: str) -> Image.Image:
     """One row per SOP of one draw: anchor then support embeddings as their training images, with vote weights."""
-    sops = memory.draw(num_anchors, num_neighbors, smoothing, torch.Generator().manual_seed(seed))  # spec §2.4
+    sops = memory.draw(num_anchors, num_neighbors, smoothing, torch.Generator().manual_seed(seed))
     rows, weights = sops.rows[:num_sops], sops.weights[:num_sops].tolist()  # (n, k + 1) memory rows and votes
     source = memory.index[rows]  # (n, k + 1) dataset indices, -1 = unknown (blank tile)
     cells = []

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 8 on one H100/H200, in two calls of under 10 minutes each; every file lands in $OUT (default results/gpu).
+# GPU checks (the test suite with the CUDA tests; bench.py eager and compiled) on one H100/H200, in two calls of
+# under 10 minutes each; every file lands in $OUT (default results/gpu).
 #   bash results/gpu_issue8.sh tests      # the whole suite on the GPU machine, then tests/test_cuda.py with its prints
 #   bash results/gpu_issue8.sh bench      # bench.py, three configurations eager, then compiled with the timm peer and
 #                                         # a torch.profiler table of each compiled step (JSON + text); run it alone
 #   CONFIG=cifar_vit_s4 bash results/gpu_issue8.sh profile   # one compiled configuration again, after a fix
-# The device budget is 30 minutes a session for issues 8 and 9 together. The test stage needs no clean timing, so it
-# can share its call with issue 9's tuning round:
+# These checks share a session's device budget (30 minutes) with the tuning runs of gpu_runs.sh. The test stage needs
+# no clean timing, so it can share its call with a tuning round:
 #   bash results/gpu_runs.sh results/issue9_tune.txt & bash results/gpu_issue8.sh tests; wait
 # Everything here runs on the CPU too (slowly, and bench/profile without MFU): try a stage there before a GPU session.
 set -uo pipefail

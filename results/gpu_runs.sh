@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Several train.py runs side by side on one GPU (tuning, issue 9), then a table of k-NN against minutes.
+# Several train.py runs side by side on one GPU (hyper-parameter tuning), then a table of k-NN against minutes.
 #   bash results/gpu_runs.sh results/issue9_tune.txt          # every line "NAME FLAGS..." of the file, in parallel
 #   ONLY=final bash results/gpu_runs.sh results/issue9_tune.txt   # the lines named final* alone (clean timing)
 #   MINUTES=5 bash results/gpu_runs.sh FILE                   # deadline (default 9): then SIGTERM, which train.py

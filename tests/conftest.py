@@ -4,7 +4,7 @@ import pytest
 TINY = ["--dataset", "synthetic", "--synthetic_size", "512", "--global_crops_size", "16", "--local_crops_size", "8",
         "--local_crops_number", "2", "--blur_sigma", "0.1", "0.5", "--arch", "custom", "--patch_size", "4",
         "--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--drop_path_rate", "0.1",
-        "--head_hidden_dim", "64", "--out_dim", "32", "--class_memory_size", "256", "--patch_memory_size", "128",
+        "--head_hidden_dim", "64", "--bottleneck_dim", "32", "--class_memory_size", "256", "--patch_memory_size", "128",
         "--class_anchors", "32", "--class_neighbors", "2", "--class_draws", "2", "--patch_anchors", "16",
         "--batch_size_per_gpu", "32", "--epochs", "2", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1",
         "--lr", "1e-3", "--log_every", "4", "--knn_every", "1", "--device", "cpu"]

@@ -9,7 +9,7 @@ import train  # noqa: E402
 
 trainer = train.main(sys.argv[1:])
 out = sys.argv[sys.argv.index("--output_dir") + 1]
-torch.save({"class_memory": trainer.class_memory.memory, "class_ptr": trainer.class_memory.ptr,
-            "patch_memory": trainer.patch_memory.memory, "teacher": torch.cat(
+torch.save({"class_memory": trainer.method.class_memory.memory, "class_ptr": trainer.method.class_memory.ptr,
+            "patch_memory": trainer.method.patch_memory.memory, "teacher": torch.cat(
                 [p.flatten() for p in trainer.teacher.parameters()])},
            os.path.join(out, f"rank{os.environ['RANK']}.pt"))

@@ -256,7 +256,8 @@ def test_mask_one_round_is_one_rectangle():
 
 
 def beit_reference_ratio(grid: int, ratio: float, num: int, rng: random.Random) -> float:
-    """Mean masked fraction of the iBOT/BEiT loop (spec §2.6), written straight from the description."""
+    """Mean masked fraction of the sequential iBOT/BEiT loop (bytedance/ibot loader.py ImageFolderMask), rewritten
+    as a plain loop."""
     low, total = (grid // 3) ** 2, 0
     for _ in range(num):
         mask, count, high = np.zeros((grid, grid), bool), 0, ratio * grid * grid

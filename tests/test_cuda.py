@@ -1,4 +1,4 @@
-"""Checks that need a GPU (issue 8): bf16 and fp16 training, fp32 SOP probabilities under autocast, the fast
+"""Checks that need a GPU: bf16 and fp16 training, fp32 SOP probabilities under autocast, the fast
 neighbour search on real teacher embeddings, torch.compile. Skipped where CUDA is absent (CI, the CPU machines).
 
     SOP_TEST_DEVICE=cpu python -m pytest -s tests/test_cuda.py   # the same checks on the CPU (smaller, slower)
@@ -54,12 +54,12 @@ def test_fifty_steps_stay_finite_with_unit_norm_memories(precision):
     assert torch.isfinite(stats).all(), f"non-finite statistics at steps {(~torch.isfinite(stats)).nonzero()}"
     if precision == "fp16":
         assert math.isfinite(trainer.scaler.get_scale()) and trainer.scaler.get_scale() > 0
-    for bank in (trainer.class_memory, trainer.patch_memory):
+    for bank in (trainer.method.class_memory, trainer.method.patch_memory):
         assert (bank.memory.norm(dim=1) - 1).abs().max() < 1e-3
 
 
 def test_sop_probabilities_from_bf16_embeddings_equal_the_fp32_result(trained):
-    sops = trained.class_memory.draw(512, 8, 0.1, torch.Generator(DEVICE).manual_seed(0))
+    sops = trained.method.class_memory.draw(512, 8, 0.1, torch.Generator(DEVICE).manual_seed(0))
     images = train.data.load_dataset("synthetic", "", "test", size=256).images.to(DEVICE)
     crops, _ = trained.augment(images, torch.Generator(DEVICE).manual_seed(1))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -75,7 +75,7 @@ def test_sop_probabilities_from_bf16_embeddings_equal_the_fp32_result(trained):
 def test_fast_neighbour_search_agrees_with_fp32_on_real_teacher_embeddings(trained, monkeypatch):
     if DEVICE == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a true fp32 reference
-    memory = trained.class_memory.memory
+    memory = trained.method.class_memory.memory
     perm = torch.randperm(len(memory), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     queries, keys, k = memory[perm[:512]], memory[perm[512:]], 8
     fast = _nearest(queries, keys, k, fast=True)

@@ -104,7 +104,7 @@ def test_fashion_mnist_corrupt_gzip_and_labels(tmp_path, no_system_fashion):
     with pytest.raises(DatasetError, match=r"labels in \[0, 10\)"):
         load_dataset("fashion_mnist", str(tmp_path), "test")
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8), 2049)))
-    with pytest.raises(DatasetError, match="must hold 5 labels"):
+    with pytest.raises(DatasetError, match="must be 5 int64 labels"):
         load_dataset("fashion_mnist", str(tmp_path), "test")
 
 
@@ -307,7 +307,7 @@ def test_cifar_forbidden_pickle_global_is_not_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("replace, message", [
     ({"data_batch_3": {b"data": np.zeros((4, 1000), np.uint8), b"labels": [0] * 4}},
      r"'data' must be a uint8 \(n, 3072\)"),
-    ({"data_batch_3": {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}}, r"'labels' must hold 4 integers"),
+    ({"data_batch_3": {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}}, r"'labels' must be 4 int64 labels"),
     ({"data_batch_3": {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}}, r"in \[0, 10\)"),
     ({"data_batch_3": [1, 2, 3]}, "holds a list, expected a dict"),
     ({"data_batch_3": b"\x80\x02}q\x00(X"}, "cannot unpickle"),

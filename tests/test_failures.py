@@ -237,3 +237,17 @@ def test_a_checkpoint_from_before_the_method_fields_resumes(tmp_path):
         ckpt["config"].pop(name)
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     assert train.main(flags + ["--output_dir", out, "--max_steps", "1"]).step == 17
+
+
+def test_a_renamed_flag_is_refused_naming_its_new_name_and_old_checkpoints_resume(tmp_path):
+    one_line_error(QUIET + ["--out_dim", "32"], "--out_dim was renamed --bottleneck_dim")
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "16"])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ckpt["config"]["out_dim"] = ckpt["config"].pop("bottleneck_dim")  # a checkpoint written before the rename
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    assert train.main(QUIET + ["--output_dir", out, "--max_steps", "1"]).step == 17
+    ckpt["config"]["out_dim"] = 64  # ... whose embedding dim differs: refused under the new name
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    (tmp_path / "checkpoint.prev.pth").unlink()
+    one_line_error(QUIET + ["--output_dir", out], "--bottleneck_dim 32: the checkpoint")

@@ -13,7 +13,7 @@ def simplex(*shape):
 
 
 def reference_sop_loss(student, teacher, B):
-    """Loop form of spec §3.1: pairs (g, v), v != g, each the batch mean of -sum q log p."""
+    """Loop form of the SOP loss: pairs (g, v), v != g, each the batch mean of -sum q log p."""
     total, pairs = 0.0, 0
     for g in range(2):
         for v in range(student.shape[0] // B):
@@ -26,7 +26,7 @@ def reference_sop_loss(student, teacher, B):
 
 
 def reference_mim_loss(student, teacher, masks):
-    """Loop form of spec §3.2: per image, the sum over masked patches over their count; mean over images."""
+    """Loop form of the SOP-MIM loss: per image, the sum over masked patches over their count; mean over images."""
     per_image = []
     for n in range(masks.shape[0]):
         losses = [-(teacher[n, l] * student[n, l].log()).sum() for l in range(masks.shape[1]) if masks[n, l]]

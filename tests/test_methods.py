@@ -1,4 +1,4 @@
-"""The baselines beside SOP (methods.py): each loss against a loop written from FAMILY_SPEC's equations, the
+"""The baselines beside SOP (methods.py): each loss against a loop written from the official losses' equations, the
 centres, the random partitions (also across two gloo ranks), the frozen prototypes, flags, resume."""
 import math
 import os
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import methods
 import train
 from conftest import TINY
+from model import NetworkOutput as Out
 
 SIZES = {"num_prototypes": "64", "partition_size": "16"}
 
@@ -41,7 +42,7 @@ def views(x, B):
 
 # ----------------------------------------------------------------------------------------- reference matches
 def reference_ibot(s_cls, s_patch, t_cls, t_patch, masks, c, c2, tau_s, tau_t, B, lam1=1.0, lam2=1.0):
-    """Loop form of FAMILY_SPEC §2(a).4."""
+    """Loop form of bytedance/ibot main_ibot.py iBOTLoss.forward."""
     T = [F.softmax((t - c) / tau_t, -1) for t in views(t_cls, B)]
     Tp = [F.softmax((t - c2) / tau_t, -1) for t in views(t_patch, B)]
     S = [F.log_softmax(s / tau_s, -1) for s in views(s_cls, B)]
@@ -72,7 +73,7 @@ def test_ibot_and_dino_losses_match_loop_reference():
     ibot = methods.IBOT(cfg)
     ibot.centers.cls.normal_()
     ibot.centers.patch.normal_()
-    out = ibot.loss((None, None, s_cls, s_patch), (None, None, t_cls, t_patch), masks, 0.05, None)
+    out = ibot.loss(Out(None, None, s_cls, s_patch), Out(None, None, t_cls, t_patch), masks, 0.05, None)
     ref = reference_ibot(s_cls, s_patch, t_cls, t_patch, masks, ibot.centers.cls, ibot.centers.patch, 0.1, 0.05, B,
                          0.7, 1.3)
     for a, b in zip(out[:3], ref):
@@ -80,24 +81,24 @@ def test_ibot_and_dino_losses_match_loop_reference():
 
     dino = methods.DINO(train.Config(method="dino", num_prototypes=K))
     dino.centers.cls.normal_()
-    loss = dino.loss((None, None, s_cls, None), (None, None, t_cls, None), None, 0.05, None)[0]
+    loss = dino.loss(Out(None, None, s_cls, None), Out(None, None, t_cls, None), None, 0.05, None)[0]
     T = [F.softmax((t - dino.centers.cls) / 0.05, -1) for t in views(t_cls, B)]
     S = [F.log_softmax(s / 0.1, -1) for s in views(s_cls, B)]
-    terms = [-(T[q] * S[v]).sum(-1).mean() for q in range(2) for v in range(V) if v != q]  # FAMILY_SPEC §3(a).4
+    terms = [-(T[q] * S[v]).sum(-1).mean() for q in range(2) for v in range(V) if v != q]  # dino DINOLoss
     torch.testing.assert_close(loss, sum(terms) / len(terms), rtol=1e-5, atol=1e-5)
 
 
 def test_massl_loss_matches_loop_reference():
     torch.manual_seed(0)
     B, V, d, Q, NB = 2, 3, 8, 12, 4
-    cfg = train.Config(method="massl", class_memory_size=Q, partition_size=NB, out_dim=d)
+    cfg = train.Config(method="massl", class_memory_size=Q, partition_size=NB, bottleneck_dim=d)
     massl = methods.MaSSL(cfg)
     s, t = F.normalize(torch.randn(V * B, d), dim=1), F.normalize(torch.randn(2 * B, d), dim=1)
-    loss = massl.loss((s, None), (t, None), None, 0.05, torch.Generator().manual_seed(3))[0]
+    loss = massl.loss(Out(s, None), Out(t, None), None, 0.05, torch.Generator().manual_seed(3))[0]
     idx = methods.random_blocks(Q, NB, torch.Generator().manual_seed(3))
     mem = massl.class_memory.memory
     total, pairs = 0.0, 0
-    for j in range(2):  # teacher view (FAMILY_SPEC §4(a).8)
+    for j in range(2):  # teacher view (sthalles/MaSSL criterion.py)
         for i in range(V):  # student view
             if i == j:
                 continue
@@ -118,7 +119,7 @@ def test_carp_loss_matches_loop_reference(cosine):
     B, V, K, NB = 2, 3, 12, 4
     cfg = train.Config(method="carp", num_prototypes=K, partition_size=NB, carp_cosine=cosine)
     s, t = torch.randn(V * B, K), torch.randn(2 * B, K)
-    loss, consistency = methods.CARP(cfg).loss((None, None, s, None), (None, None, t, None), None, 0.05,
+    loss, consistency = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
                                                torch.Generator().manual_seed(5))[:2]
     idx = methods.random_blocks(K, NB, torch.Generator().manual_seed(5))
     tau_s, tau_t = (0.1, 0.05) if cosine else (1.0, 1.0)
@@ -126,14 +127,14 @@ def test_carp_loss_matches_loop_reference(cosine):
     P = [[F.softmax(s[n, idx[k]] / tau_s, -1) for k in range(K // NB)] for n in range(V * B)]
     Qs = [[F.softmax(t[n, idx[k]] / tau_t, -1) for k in range(K // NB)] for n in range(2 * B)]
     terms = []
-    for j in range(2):  # FAMILY_SPEC §5(a).6
+    for j in range(2):  # sthalles/carp modules/carp_loss.py: consistency
         for i in range(V):
             if i != j:
                 terms.append(sum(-(P[i * B + b][k] * Qs[j * B + b][k]).sum().clamp(eps, 1 - eps).log()
                                  for b in range(B) for k in range(K // NB)) / (B * K // NB))
     ref_consistency = sum(terms) / len(terms)
     uniformity = 0.0
-    for k in range(K // NB):  # §5(a).7: KL(batch-mean assignment || uniform), mean over blocks
+    for k in range(K // NB):  # uniformity: KL(batch-mean assignment || uniform), mean over blocks
         mean = sum(row[k] for row in P + Qs) / len(P + Qs)
         uniformity += math.log(NB) + (mean * mean.clamp(eps, 1 - eps).log()).sum()
     torch.testing.assert_close(consistency, ref_consistency, rtol=1e-5, atol=1e-5)
@@ -151,15 +152,15 @@ def test_losses_near_their_analytic_value_at_initialisation():
     for method in ("ibot", "dino"):  # near-uniform distributions over K prototypes: about log K
         m = methods.METHODS[method](train.Config(method=method, num_prototypes=K))
         logits_s, logits_t = layer(s), layer(t)
-        out = m.loss((s, None, logits_s, logits_s[:2 * B, None]), (t, None, logits_t, logits_t[:, None]),
+        out = m.loss(Out(s, None, logits_s, logits_s[:2 * B, None]), Out(t, None, logits_t, logits_t[:, None]),
                      torch.ones(2 * B, 1, dtype=torch.bool), 0.04, None)
         assert out[1].item() == pytest.approx(math.log(K) + excess, rel=0.01), method
         assert out[3].item() == pytest.approx(math.log(K), rel=0.03)  # teacher entropy: far from collapse
-    massl = methods.MaSSL(train.Config(method="massl", class_memory_size=K, partition_size=NB, out_dim=d))
-    loss = massl.loss((s, None), (t, None), None, 0.04, torch.Generator().manual_seed(0))[0]
+    massl = methods.MaSSL(train.Config(method="massl", class_memory_size=K, partition_size=NB, bottleneck_dim=d))
+    loss = massl.loss(Out(s, None), Out(t, None), None, 0.04, torch.Generator().manual_seed(0))[0]
     assert loss.item() == pytest.approx(math.log(NB) + excess, rel=0.01)  # within each block: about log NB
     carp = methods.CARP(train.Config(method="carp", num_prototypes=K, partition_size=NB))
-    loss, consistency = carp.loss((s, None, layer(s), None), (t, None, layer(t), None), None, 0.04,
+    loss, consistency = carp.loss(Out(s, None, layer(s), None), Out(t, None, layer(t), None), None, 0.04,
                                   torch.Generator().manual_seed(0))[:2]
     assert consistency.item() == pytest.approx(math.log(NB), rel=0.03)  # -log P(same prototype) ~ log NB
     assert 0 <= (loss - consistency).item() < 0.05  # uniformity: the batch mean is near uniform
@@ -199,10 +200,10 @@ def _worker(rank, port, out_dir):
     centers = methods.Centers(6, patch=True, momentum=0.9)
     centers.update(t_cls, t_patch)
     blocks = [methods.random_blocks(24, 6, torch.Generator().manual_seed(train.seed_for(0, s, 3))) for s in (7, 8)]
-    # CARP's uniformity gathers the rows of both ranks, with gradient (FAMILY_SPEC §5(a).7)
+    # CARP's uniformity gathers the rows of both ranks, with gradient (sthalles/carp modules/carp_loss.py)
     cfg = train.Config(method="carp", num_prototypes=8, partition_size=4)
     s, t = torch.randn(6, 8, requires_grad=True), torch.randn(4, 8)  # V = 3 student views, 2 teacher views, B = 2
-    loss, consistency = methods.CARP(cfg).loss((None, None, s, None), (None, None, t, None), None, 0.05,
+    loss, consistency = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
                                                torch.Generator().manual_seed(0))[:2]
     (loss - consistency).backward()
     torch.save({"cls": centers.cls, "patch": centers.patch, "t_cls": t_cls, "t_patch": t_patch, "blocks": blocks,
@@ -293,7 +294,7 @@ def test_separate_patch_layer_and_learnable_gain_out_of_weight_decay():
     assert {"head.prototypes.weight", "head.prototypes.gain", "head.patch_prototypes.weight"} <= set(params)
     assert set(trainer.teacher.state_dict()) >= {"head.prototypes.gain", "head.patch_prototypes.weight"}
     no_decay = trainer.optimizer.param_groups[1]["params"]
-    assert any(p is params["head.prototypes.gain"] for p in no_decay)  # FAMILY_SPEC §2(e)3, fixed
+    assert any(p is params["head.prototypes.gain"] for p in no_decay)  # official: weight_g decayed (README)
     assert not any(p is params["head.prototypes.weight"] for p in no_decay)
     assert len(trainer.frozen_params) == 4  # both layers: weights and gains
     crops = torch.rand(4, 3, 16, 16)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import ProjectionHead, SOPNetwork, VisionTransformer, build_backbone
+from model import ProjectionHead, MultiCropWrapper, VisionTransformer, build_backbone
 
 
 def tiny_vit(**kw):
@@ -58,10 +58,10 @@ def test_masked_positions_carry_the_mask_token():
 
 def test_every_trainable_parameter_gets_a_finite_gradient():
     vit = tiny_vit(drop_path_rate=0.1)
-    net = SOPNetwork(vit, ProjectionHead(48, 64, 16)).train()
+    net = MultiCropWrapper(vit, ProjectionHead(48, 64, 16)).train()
     g, l = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
     mask = torch.rand(4, 64) < 0.3
-    cls, patch = net(g, mask, l)
+    cls, patch = net(g, mask, l)[:2]  # NetworkOutput.cls, .patch
     assert cls.shape == (4 + 6, 16) and patch.shape == (4, 64, 16)
     (cls.square().sum() + patch.pow(3).sum()).backward()
     for name, p in net.named_parameters():
@@ -115,10 +115,11 @@ def test_dino_timm_key_names_and_shapes():
     assert missing == ["masked_embed"] and unexpected == []
 
 
-@pytest.mark.parametrize("arch,width,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])
-def test_presets(arch, width, heads):
+@pytest.mark.parametrize("arch,width,depth,heads", [("vit_tiny", 192, 12, 3), ("vit_small", 384, 12, 6),
+                                                    ("vit_base", 768, 12, 12), ("vit_large", 1024, 24, 16)])
+def test_presets(arch, width, depth, heads):
     vit = build_backbone(arch, 32, 4)
-    assert vit.embed_dim == width and len(vit.blocks) == 12 and vit.blocks[0].attn.num_heads == heads
+    assert vit.embed_dim == width and len(vit.blocks) == depth and vit.blocks[0].attn.num_heads == heads
 
 
 def test_bad_sizes_are_refused():

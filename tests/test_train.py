@@ -32,11 +32,15 @@ def test_end_to_end_losses_finite_and_falling_checkpoint_and_log(tiny_run):
             assert key in r and math.isfinite(r[key]), key
         assert 0 <= r["knn_top1"] <= 100
     assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)  # a clock that only grows
-    assert records[2]["loss"] < records[1]["loss"]  # the second epoch's mean loss is below the first's
+    # A student that predicts nothing scores log M per term (uniform over the M SOPs of a draw: 32 [CLS], 16 patch
+    # SOPs in TINY); both epochs' means are well below it. (Epoch 2's mean need not be below epoch 1's: the teacher
+    # temperature warms up 0.04 -> 0.07 over epoch 1, which flattens the targets and raises the loss floor.)
+    for r in records[1:]:
+        assert r["loss_cls"] < math.log(32) and r["loss"] < 0.85 * (math.log(32) + math.log(16)), r
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert ckpt["step"] == 32 and ckpt["epoch"] == 2
     assert set(ckpt) >= {"student", "teacher", "optimizer", "scaler", "class_memory", "patch_memory", "config"}
-    assert torch.equal(ckpt["class_memory"]["memory"], trainer.class_memory.memory)
+    assert torch.equal(ckpt["class_memory"]["memory"], trainer.method.class_memory.memory)
 
 
 def test_step_losses_fall_on_a_fixed_batch():
@@ -54,8 +58,8 @@ def test_step_losses_fall_on_a_fixed_batch():
 def state_of(trainer):
     return {**{f"student.{k}": v for k, v in trainer.student.state_dict().items()},
             **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()},
-            "class_memory": trainer.class_memory.memory, "patch_memory": trainer.patch_memory.memory,
-            "class_ptr": trainer.class_memory.ptr}
+            "class_memory": trainer.method.class_memory.memory, "patch_memory": trainer.method.patch_memory.memory,
+            "class_ptr": trainer.method.class_memory.ptr}
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -109,7 +113,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     (["--class_neighbors", "300"], "--class_anchors 32: anchors + neighbours must not exceed --class_memory_size 256"),
     (["--pred_ratio", "0.9", "--pred_ratio_var", "0.2"], "--pred_ratio"),
     (["--dataset", "imagenet21k"], "--dataset 'imagenet21k': valid: synthetic, cifar10"),
-    (["--arch", "vit_huge"], "--arch 'vit_huge': valid: vit_tiny, vit_small, vit_base, custom"),
+    (["--arch", "vit_huge"], "--arch 'vit_huge': valid: vit_tiny, vit_small, vit_base, vit_large, custom"),
     (["--global_crops_size", "18"], "--global_crops_size 18: must be a multiple of --patch_size 4"),
     (["--batch_size_per_gpu", "512"], "--class_memory_size 256: must hold at least one global batch (512 images)"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
@@ -145,7 +149,7 @@ def test_help_lists_every_field_with_its_default():
 def test_presets_and_overrides():
     cfg = train.parse_config(["--preset", "cifar", "--epochs", "3"])
     assert cfg.dataset == "cifar10" and cfg.patch_size == 4 and cfg.epochs == 3
-    assert train.parse_config(["--preset", "imagenet"]) == train.Config(output_dir="runs/imagenet")
+    assert train.parse_config(["--preset", "imagenet"]) == train.Config(output_dir="runs/imagenet", compile=True)
     assert train.parse_config(["--compile", "true"]).compile is True
 
 

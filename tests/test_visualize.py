@@ -74,7 +74,7 @@ def test_each_picture_is_a_png_of_the_expected_size(tiny_run, tmp_path, picture,
 
 def test_the_memory_index_traces_sops_to_training_images(tiny_run):
     _, trainer = tiny_run
-    memory = trainer.class_memory
+    memory = trainer.method.class_memory
     # After 2 epochs of 16 steps x 32 images into 256 rows, every row came from a training image.
     assert (memory.index >= 0).all() and (memory.index < 512).all()
     sops = memory.draw(8, 2, 0.1, torch.Generator().manual_seed(0))
@@ -154,8 +154,8 @@ def test_training_on_an_image_folder_stores_the_batches_dataset_indices(tmp_path
     batches = data.epoch_batches(24, 8, 0, 0)[:2]  # the run's first two batches (epoch 0, seed 0)
     expected = torch.full((256,), -1)
     expected[:16] = batches.flatten()
-    assert torch.equal(trainer.class_memory.index, expected)
-    assert torch.equal(trainer.patch_memory.index[:16], batches.flatten())
+    assert torch.equal(trainer.method.class_memory.index, expected)
+    assert torch.equal(trainer.method.patch_memory.index[:16], batches.flatten())
 
 
 def test_sops_draws_rows_of_unknown_source_as_blank_tiles(tiny_run, tmp_path):

@@ -1,0 +1,258 @@
+"""Checkpoints and the run directory: what lets a long run stop, crash and continue without losing anything.
+
+    save_checkpoint    atomic write (temp file, fsync, rename); the replaced file is kept as checkpoint.prev.pth
+    read_checkpoint    torch.load(weights_only=True) after checking the zip CRCs (a flipped bit is refused)
+    resume_state       the checkpoint a resume starts from, refused in one line when it cannot fit the run
+    OutputLock         one run per output_dir
+    StopSignals        SIGTERM / Ctrl-C: save after the current step, exit with PREEMPTED_EXIT_CODE
+
+The rules are listed in the README, "Failure behaviour" and "Resuming".
+"""
+import dataclasses
+import errno
+import fcntl
+import os
+import pickle
+import signal
+import sys
+import zipfile
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import methods
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on SIGTERM / Ctrl-C after saving; resume to continue
+# Fields that fix the shapes of the networks and memories: a checkpoint with other values cannot be loaded.
+SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_hidden_dim", "bottleneck_dim",
+                "global_crops_size", "class_memory_size", "patch_memory_size", "method", "num_prototypes")
+# Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
+# the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
+RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
+                      "num_workers", "device", "compile", "strict_data")
+RENAMED_FIELDS = {"out_dim": "bottleneck_dim"}  # old name -> new name; older checkpoints are read under the new
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message is one line."""
+
+
+def previous_path(path: str) -> str:
+    return path.removesuffix(".pth") + ".prev.pth"
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically (temp file, fsync, rename) and keep the checkpoint it replaces as checkpoint.prev.pth, so a
+    crash mid-write, a full disk or one bad file never costs the last good state."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC), not a bare RuntimeError
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        kept = path if os.path.exists(path) else "none was written yet"
+        raise CheckpointError(f"{'disk full' if full else 'cannot write'} while saving {path} "
+                              f"({getattr(e, 'strerror', None) or e}); the previous checkpoint ({kept}) is intact")
+    if os.path.exists(path):
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves survive a power cut
+    finally:
+        os.close(directory)
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only. A file that would need arbitrary code to
+    unpickle, a corrupt one, or one whose zip CRCs do not match its bytes (a flipped bit inside a tensor, which
+    torch.load itself does not notice) raises ValueError with a one-line reason."""
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format; older (legacy) pickles carry no checksums
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # reads every member and checks its CRC-32
+            if bad is not None:
+                raise ValueError(f"{path}: corrupt checkpoint: the CRC of member {bad} does not match its bytes")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file")
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0])
+        raise ValueError(f"{path}: refused or unreadable (checkpoints load with weights_only=True): {reason}")
+
+
+def saved_config(ckpt: dict) -> dict:
+    """The checkpoint's config under today's field names (RENAMED_FIELDS)."""
+    config = dict(ckpt["config"])
+    for old, new in RENAMED_FIELDS.items():
+        if old in config and new not in config:
+            config[new] = config.pop(old)
+    return config
+
+
+def check_finite_state(trainer, step: int, ckpt_path: str) -> None:
+    """Refuse to save non-finite networks or memories: the loss is checked before each update, so a diverging last
+    update (e.g. --lr inf) would otherwise write NaN weights over the last good checkpoint. One host sync."""
+    tensors = [t for module in (trainer.student, trainer.teacher, trainer.method)  # networks, memories, centres
+               for t in module.state_dict().values() if t.is_floating_point()]
+    if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        raise CheckpointError(f"non-finite weights or memories after step {step} (the update diverged: lower --lr?); "
+                              f"stopped without saving, the last checkpoint ({ckpt_path}) is intact")
+
+
+def load_checkpoint(path: str, cfg) -> dict:
+    """Read a checkpoint, verifying its CRCs; refuse one whose networks or memories differ from cfg (a Config), or
+    that lacks what a resume needs. Its config comes back under today's field names."""
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:  # a corrupt file, or a pickle that would run code
+        raise CheckpointError(f"cannot resume from {e}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no config)")
+    ckpt["config"] = saved = saved_config(ckpt)
+    defaults = type(cfg)()  # what a checkpoint from before a field existed ran with
+    for name in SHAPE_FIELDS:
+        if ignored_by_method(name, cfg.method):
+            continue
+        if saved.get(name, getattr(defaults, name)) != getattr(cfg, name):
+            raise CheckpointError(f"--{name} {getattr(cfg, name)!r}: the checkpoint in {cfg.output_dir} was trained "
+                                  f"with {saved.get(name)!r}; use that value or another --output_dir")
+    step = ckpt.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
+    missing = [k for k in ("student", "teacher", "optimizer", "scaler") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a complete train.py checkpoint")
+    return ckpt
+
+
+def ignored_by_method(name: str, method: str) -> bool:
+    """Whether a field belongs to some method's objective but not to this one's (e.g. num_prototypes for SOP)."""
+    return name in methods.METHOD_FIELDS and name not in methods.FIELDS.get(method, methods.METHOD_FIELDS)
+
+
+def config_changes(saved: dict, cfg) -> dict[str, tuple]:
+    """{field: (old, new)} for the fields that change the trajectory and differ from the checkpoint's config."""
+    changes = {}
+    for field in dataclasses.fields(cfg):
+        if field.name in RESUME_FREE_FIELDS or ignored_by_method(field.name, cfg.method):
+            continue
+        old, new = saved.get(field.name, field.default), getattr(cfg, field.name)  # older checkpoints: defaults
+        if (tuple(old) if isinstance(old, list) else old) != new:
+            changes[field.name] = (old, new)
+    return changes
+
+
+def resume_state(cfg, ckpt_path: str) -> tuple[dict | None, list[str]]:
+    """The checkpoint to resume from (None for a fresh start) and notes to print and log. A current checkpoint that
+    fails its checks while checkpoint.prev.pth passes them is replaced by the latter, loudly. A checkpoint whose
+    trajectory settings differ from cfg is refused unless cfg.resume_changes is 'ok'."""
+    prev = previous_path(ckpt_path)
+    candidates = [p for p in (ckpt_path, prev) if os.path.exists(p)]
+    if not cfg.resume or not candidates:
+        return None, []
+    try:
+        ckpt, notes = load_checkpoint(candidates[0], cfg), []
+    except CheckpointError as error:
+        if candidates[0] == prev or len(candidates) == 1:
+            raise
+        try:
+            ckpt = load_checkpoint(prev, cfg)
+        except CheckpointError:
+            raise error from None
+        notes = [f"warning: {error}; resuming from the previous checkpoint {prev} (step {ckpt['step']})"]
+    changes = config_changes(ckpt["config"], cfg)
+    listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+    if changes and cfg.resume_changes != "ok":
+        raise CheckpointError(f"--output_dir {cfg.output_dir}: resuming with changed settings breaks exact resume: "
+                              f"{listed}; pass --resume_changes ok to accept them, or use another --output_dir")
+    ckpt["changes"] = changes
+    notes += [f"resuming with changed settings (--resume_changes ok): {name} {old!r} -> {new!r}"
+              for name, (old, new) in changes.items()]
+    return ckpt, notes
+
+
+class OutputLock:
+    """An exclusive lock on output_dir/.lock for the run's lifetime (rank 0): a second run on the same directory is
+    refused, naming the holder's pid. The OS drops the lock when the process ends, however it ends."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise SystemExit(f"error: --output_dir {output_dir} is in use by another run (pid {holder}); wait for it "
+                             f"to finish or choose another --output_dir")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignals:
+    """SIGTERM and a first Ctrl-C ask the loop to save and stop (a second Ctrl-C stops at once). A single process
+    reads its own flag after every step; under torchrun the ranks agree through a tiny all-reduce on a CPU (gloo)
+    group, host to host so the GPU stream is never synchronised, which the loop calls at its log cadence only: a
+    stop then lands within --log_every steps."""
+
+    def __init__(self, world: int):
+        self.requested = False
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving and stopping"
+              + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def any_rank(self, poll: bool = True) -> bool:
+        """Whether any rank was asked to stop; without poll, a multi-rank run answers False without talking."""
+        if self.group is None:
+            return self.requested
+        if not poll:
+            return False
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag[0])
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLoss:
+    """The first step whose loss was not finite, remembered on the device (no host sync in the step) and checked
+    at the log cadence: the run stops before any checkpoint is written, so the last one stays the last good state."""
+    NONE = torch.iinfo(torch.long).max
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), self.NONE, dtype=torch.long, device=device)
+
+    def see(self, loss: torch.Tensor, step: int) -> None:
+        self.first = torch.where(torch.isfinite(loss), self.first, self.first.clamp(max=step))
+
+    def check(self, ckpt_path: str) -> None:
+        bad_step = self.first.clone()
+        if dist.is_initialized():
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)  # the earliest bad step of any rank
+        if bad_step.item() != self.NONE:
+            raise SystemExit(f"error: non-finite loss at step {bad_step.item()}; stopped without saving, the last "
+                             f"checkpoint ({ckpt_path}) is intact")
