@@ -161,30 +161,7 @@ def bench(name: str, flags: list[str], compile_: bool, steps: int, warmup: int, 
             print(f"GPU busy {100 * busy_us / wall_us:.0f} % of the 3 profiled steps (kernels {busy_us / 3e3:.1f} ms "
                   f"per step)")
 
-    # Memory work alone: T_C class draws and the patch draw, their probabilities forward and backward.
-    G, V = 2 * B, (2 + cfg.local_crops_number) * B
-    P = (cfg.global_crops_size // cfg.patch_size) ** 2
-    cls_s = F.normalize(torch.randn(V, cfg.bottleneck_dim, device=device), dim=1).requires_grad_()
-    cls_t = F.normalize(torch.randn(G, cfg.bottleneck_dim, device=device), dim=1)
-    pat_s = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1).requires_grad_()
-    pat_t = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1)
-    class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim).to(device)
-    patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim).to(device)
-
-    masks = torch.rand(G, P, device=device) < 0.15
-
-    def memory_work():
-        total = 0.0
-        for _ in range(cfg.class_draws):
-            sops = class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, gen)
-            total = total + sop_loss(sops.probabilities(cls_s, 0.1), sops.probabilities(cls_t, 0.04))
-        if methods.uses_patch_tokens(cfg):  # SOP-MIM on
-            psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
-            total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
-        total.backward()
-    timed(memory_work, 2, device)
-    memory_times = timed(memory_work, max(3, steps // 2), device)
-
+    memory_times = time_memory_work(cfg, device, gen, steps)
     step_s = statistics.median(step_times)
     flops = model_flops_per_image(cfg)
     result.update({"ms_per_step": 1e3 * step_s, "images_per_s": B / step_s, "peak_mem_gib": peak_mem,
@@ -286,6 +263,32 @@ def count_compile(name: str, flags: list[str], batch: int, steps: int = 4) -> di
     return {"config": name, "graphs": first, "graph_breaks": sum(counters["graph_break"].values()),
             "graph_break_reasons": dict(counters["graph_break"]),
             "recompiles_after_step_1": counters["stats"]["unique_graphs"] - first}
+
+
+def time_memory_work(cfg, device: torch.device, gen: torch.Generator, steps: int) -> list[float]:
+    """The memory work of one step alone: T_C class draws and the patch draw, probabilities forward and backward."""
+    B = cfg.batch_size_per_gpu
+    G, V = 2 * B, (2 + cfg.local_crops_number) * B
+    P = (cfg.global_crops_size // cfg.patch_size) ** 2
+    cls_s = F.normalize(torch.randn(V, cfg.bottleneck_dim, device=device), dim=1).requires_grad_()
+    cls_t = F.normalize(torch.randn(G, cfg.bottleneck_dim, device=device), dim=1)
+    pat_s = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1).requires_grad_()
+    pat_t = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1)
+    class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim).to(device)
+    patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim).to(device)
+    masks = torch.rand(G, P, device=device) < 0.15
+
+    def memory_work():
+        total = 0.0
+        for _ in range(cfg.class_draws):
+            sops = class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, gen)
+            total = total + sop_loss(sops.probabilities(cls_s, 0.1), sops.probabilities(cls_t, 0.04))
+        if methods.uses_patch_tokens(cfg):  # SOP-MIM on
+            psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
+            total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
+        total.backward()
+    timed(memory_work, 2, device)
+    return timed(memory_work, max(3, steps // 2), device)
 
 
 def peer(device: torch.device, batch: int = 128, steps: int = 20, warmup: int = 5, compile_: bool = True) -> dict:

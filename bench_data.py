@@ -175,22 +175,22 @@ def gpu_measurements(root: Path, batch: int, steps: int) -> dict:
     torch.cuda.synchronize()
     results = {"gpu_decode_images_per_s": steps * batch / (time.perf_counter() - start)}
     cfg = train.parse_config(["--preset", "imagenet", "--batch_size_per_gpu", str(batch)])
-    trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=10 ** 6)
+    trainer = train.Trainer(cfg, device, world=1, steps_per_epoch=1281167 // 1024)
     workers = os.cpu_count()
     for gpu_decode in (False, True):
         batches = data.folder_batches(dataset, order, device, workers, gpu_decode)
-        for step, (images, sizes, _) in enumerate(batches):
+        for step, (images, sizes, indices) in enumerate(batches):
             if step == 3:  # workers warm, kernels compiled
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-            trainer.train_step(images, 1000 + step, 0, sizes)
+            trainer.train_step(images, 1000 + step, 0, indices=indices, sizes=sizes)
         torch.cuda.synchronize()
         results[f"folder_end_to_end_images_per_s_gpu_decode_{gpu_decode}"] = steps * batch / (
             time.perf_counter() - start)
     canvases = torch.randint(0, 256, (batch, 3, data.FOLDER_LONG_SIDE, data.FOLDER_LONG_SIDE), dtype=torch.uint8,
                              device=device)
     sizes = torch.tensor([[336, 448]] * batch, device=device)
-    times = bench.timed(lambda: trainer.train_step(canvases, 2000, 0, sizes), steps, device)
+    times = bench.timed(lambda: trainer.train_step(canvases, 2000, 0, sizes=sizes), steps, device)
     results["step_alone_images_per_s"] = batch / float(np.median(times))
     return results
 

@@ -30,7 +30,7 @@ SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_h
 # Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
 # the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
 RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
-                      "num_workers", "device", "compile", "strict_data")
+                      "num_workers", "device", "compile", "strict_data", "saveckp_freq")
 RENAMED_FIELDS = {"out_dim": "bottleneck_dim"}  # old name -> new name; older checkpoints are read under the new
 
 
@@ -42,22 +42,30 @@ def previous_path(path: str) -> str:
     return path.removesuffix(".pth") + ".prev.pth"
 
 
-def save_checkpoint(path: str, state: dict) -> None:
+def save_checkpoint(path: str, state: dict, keep_every: int = 0) -> None:
     """Write atomically (temp file, fsync, rename) and keep the checkpoint it replaces as checkpoint.prev.pth, so a
-    crash mid-write, a full disk or one bad file never costs the last good state."""
+    crash mid-write, a full disk or one bad file never costs the last good state. keep_every N: at the end of every
+    N-th epoch, also keep a copy as checkpoint{epoch:04}.pth (DINO's --saveckp_freq), written the same way."""
+    epoch, steps_per_epoch = state.get("epoch", 0), state.get("schedule", {}).get("steps_per_epoch", 0)
+    keep = keep_every and steps_per_epoch and state["step"] % steps_per_epoch == 0 and epoch % keep_every == 0
+    numbered = os.path.join(os.path.dirname(path), f"checkpoint{epoch:04}.pth")
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC), not a bare RuntimeError
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        for target in (tmp, numbered + ".tmp") if keep else (tmp,):
+            with open(target, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for target in (tmp, numbered + ".tmp"):
+            if os.path.exists(target):
+                os.remove(target)
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         kept = path if os.path.exists(path) else "none was written yet"
         raise CheckpointError(f"{'disk full' if full else 'cannot write'} while saving {path} "
                               f"({getattr(e, 'strerror', None) or e}); the previous checkpoint ({kept}) is intact")
+    if keep:
+        os.replace(numbered + ".tmp", numbered)
     if os.path.exists(path):
         os.replace(path, previous_path(path))
     os.replace(tmp, path)
@@ -178,6 +186,32 @@ def resume_state(cfg, ckpt_path: str) -> tuple[dict | None, list[str]]:
     notes += [f"resuming with changed settings (--resume_changes ok): {name} {old!r} -> {new!r}"
               for name, (old, new) in changes.items()]
     return ckpt, notes
+
+
+SCHEDULE_KEYS = ("world_size", "global_batch", "steps_per_epoch", "train_images")  # what the schedules depend on
+
+
+def resumed_step(ckpt: dict, schedule: dict, resume_changes: str, notes: list[str]) -> int:
+    """The step to resume at; what changed is added to ckpt["changes"] and to notes. A resume
+    on another number of GPUs, another global batch or another training set would index schedules built for other
+    step counts (8 -> 16 GPUs at epoch 50 of 100 would stop at half its budget): it is refused unless resume_changes
+    is 'ok'; then the run continues at the same point of its schedule, the same fraction of the same epochs (the
+    images seen, when only the batch changed), so lr, weight decay, teacher temperature and EMA momentum continue
+    where they were (lr keeps its rule, base_lr x global batch / 256) and the run ends after its epochs."""
+    saved = ckpt.get("schedule") or {}  # checkpoints from before this record: nothing to compare
+    changed = {k: [saved[k], schedule[k]] for k in SCHEDULE_KEYS if k in saved and saved[k] != schedule[k]}
+    if not changed:
+        return ckpt["step"]
+    listed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    if resume_changes != "ok":
+        raise CheckpointError(f"the checkpoint was trained with other schedule lengths ({listed}): resuming would "
+                              f"index its lr, weight decay, temperature and momentum schedules wrongly; pass "
+                              f"--resume_changes ok to continue at the same point of the schedule, or resume with "
+                              f"the old values")
+    step = round(ckpt["step"] * schedule["steps_per_epoch"] / saved["steps_per_epoch"])
+    ckpt["changes"].update(changed)
+    notes.append(f"resuming at step {step} of the new schedule (step {ckpt['step']} of the old): {listed}")
+    return step
 
 
 class OutputLock:

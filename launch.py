@@ -104,6 +104,7 @@ def validate(cfg, world_size: int) -> None:
     for name in positive:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "knn_every", "max_steps",
+                 "saveckp_freq",
                  "num_workers", "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "synthetic_size", "seed",
                  "train_subset", "embed_dim", "depth", "num_heads"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0" + (" (0 = the arch's)" if name in

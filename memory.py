@@ -6,6 +6,7 @@ its k nearest memory neighbours (the support embeddings, SEs) form one self-orga
 scored against all S = M (k + 1) SEs at once and the SE similarities are pooled into M SOP probabilities by the vote
 matrix Y (paper: P(u) = softmax(u D^T / tau) Y). Shapes follow the legend in model.py.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,18 +37,13 @@ class MemoryBank(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+    def enqueue(self, x: torch.Tensor, index: torch.Tensor | None = None, gathered: bool = False) -> None:
         """x (b, d) rank-local embeddings, index (b,) their images' dataset indices (None: stored as -1); all ranks
-        must call this with the same b."""
+        must call this with the same b. gathered: x and index already hold every rank's rows (all_gather_rows)."""
         x = x.detach().float()
         index = x.new_full((x.shape[0],), -1, dtype=torch.long) if index is None else index.to(x.device, torch.long)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, x)  # rank order, so every rank writes the same rows
-            x = torch.cat(gathered)  # (b W, d)
-            gathered = [torch.empty_like(index) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, index)  # the same rank order as the embeddings
-            index = torch.cat(gathered)  # (b W,)
+        if not gathered:
+            x, index = all_gather_rows(x, index)  # (b W, d), (b W,)
         Q, n = self.memory.shape[0], x.shape[0]
         if n > Q:
             raise ValueError(f"global batch {n} is larger than the memory ({Q} rows)")
@@ -95,6 +91,25 @@ class MemoryBank(nn.Module):
         return SOPs(support.flatten(0, 1), weights, rows)
 
 
+def all_gather_rows(*parts: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each part (b, ...), in rank order (so every rank writes the same memory rows), in one
+    all_gather: the parts travel side by side as fp32 columns, int64 ones bit for bit (each viewed as two fp32)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(parts)
+    b = parts[0].shape[0]
+    columns = [p.reshape(b, -1).view(torch.float32) if p.dtype == torch.int64 else p.float().reshape(b, -1)
+               for p in parts]  # (b, c_i) each
+    packed = torch.cat(columns, dim=1)  # (b, C)
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, packed)
+    packed, start, out = torch.cat(gathered), 0, []  # (b W, C)
+    for part, c in zip(parts, columns):
+        chunk = packed[:, start:start + c.shape[1]].contiguous()  # (b W, c_i)
+        start += c.shape[1]
+        out.append((chunk.view(torch.int64) if part.dtype == torch.int64 else chunk).reshape(-1, *part.shape[1:]))
+    return out
+
+
 def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, fast: bool | None = None) -> torch.Tensor:
     """Indices (M, k) of the k keys with the largest dot product with each query, most similar first.
 
@@ -123,12 +138,28 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, fast: bool | Non
 def _bf16_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b of bf16 matrices, products summed and returned in fp32: one bf16 GEMM with an fp32 output on CUDA
     (torch.mm out_dtype), and the same numbers elsewhere (bf16 products are exact in fp32)."""
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
-            pass
+    if a.is_cuda and _mm_has_out_dtype():
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+@functools.cache
+def _mm_has_out_dtype() -> bool:
+    """Whether this torch's CUDA mm takes out_dtype (decided once; search_kind says which search runs)."""
+    try:
+        ones = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(ones, ones, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def search_kind(device: torch.device) -> str:
+    """The neighbour search a draw on device runs, for the start-up print."""
+    if device.type != "cuda":
+        return "exact fp32 scores"
+    return (f"bf16 shortlist of {SHORTLIST} re-ranked in fp32, "
+            + ("one bf16 GEMM with fp32 output" if _mm_has_out_dtype() else
+               "this torch has no mm out_dtype: shortlist scores by an fp32 GEMM of the bf16 inputs (slower)"))
 
 
 @dataclass
@@ -173,7 +204,8 @@ class SOPs:
         """
         M, K1 = self.weights.shape
         with torch.autocast(u.device.type, enabled=False):
-            logits = u.float() @ self.support.float().T / temperature  # (..., S), paper Eq. P(u) = softmax(uD^T)Y
+            # 1 / tau folded into u (n x d) rather than applied to the logits (n x S, S >> d): one pass less
+            logits = (u.float() / temperature) @ self.support.float().T  # (..., S), paper: P(u) = softmax(u D^T) Y
             a = logits.softmax(dim=-1).unflatten(-1, (M, K1))  # (..., M, k + 1)
             g = (a * self.weights).sum(-1)  # (..., M) votes for the own SOP
             h = a.sum(-1) - g  # (..., M) smoothing mass, spread over the other M - 1 SOPs

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import cross_view_loss, masked_patch_loss, sop_loss, sop_mim_loss
-from memory import MemoryBank
+from memory import MemoryBank, all_gather_rows
 from model import MultiCropWrapper, NetworkOutput
 
 # Config fields that only some methods read; every other field is shared. A flag given on the command line for a
@@ -67,7 +67,7 @@ def build_network(cfg, backbone: nn.Module, head: nn.Module) -> MultiCropWrapper
         return MultiCropWrapper(backbone, head, patch)
     def layer():
         return PrototypeLayer(cfg.bottleneck_dim, cfg.num_prototypes, cfg.norm_last_layer)
-    patch_prototypes = None if (not patch or cfg.shared_head) else layer()  # drawn first: the order fixes the initial weights
+    patch_prototypes = None if (not patch or cfg.shared_head) else layer()  # first: the order fixes the init
     return PrototypeNetwork(backbone, head, layer(), patch, patch_prototypes)
 
 
@@ -123,12 +123,16 @@ class SOP(nn.Module):
         teacher_cls, teacher_patch = teacher.cls, teacher.patch
         B = teacher_cls.shape[0] // 2
         second_view = slice(B, 2 * B)
-        self.class_memory.enqueue(teacher_cls[second_view], indices)
+        if indices is None:
+            indices = torch.full((B,), -1, dtype=torch.long, device=teacher_cls.device)
         if teacher_patch is None:  # SOP-MIM off: the patch memory is never read
+            self.class_memory.enqueue(teacher_cls[second_view], indices)
             return
         pick = torch.randint(teacher_patch.shape[1], (B,), device=teacher_patch.device)  # one random patch per image
-        self.patch_memory.enqueue(teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick],
-                                  indices)
+        patch = teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick]  # (B, d)
+        cls, patch, indices = all_gather_rows(teacher_cls[second_view], patch, indices.long())  # one collective
+        self.class_memory.enqueue(cls, indices, gathered=True)
+        self.patch_memory.enqueue(patch, indices, gathered=True)
 
 
 # ---------------------------------------------------------------------------------------------- learnable prototypes

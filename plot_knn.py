@@ -10,9 +10,18 @@ import os
 
 
 def read_points(path: str) -> tuple[str, list[tuple[float, float]]]:
-    """(run name, [(minutes since the run began, k-NN top-1 %), ...]) from one log.jsonl."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """(run name, [(minutes since the run began, k-NN top-1 %), ...]) from one log.jsonl; one-line errors for a
+    missing file, a folder or one that is not a train.py log."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: {'a directory, not a log file' if os.path.isdir(path) else 'no such file'}"
+                         f" (train.py writes OUTPUT_DIR/log.jsonl)")
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path} is not a log.jsonl of train.py (one JSON object per line): {e}")
+    if not all(isinstance(r, dict) for r in records):
+        raise SystemExit(f"error: {path} is not a log.jsonl of train.py (one JSON object per line)")
     points = [(r["elapsed_s"] / 60, r["knn_top1"]) for r in records if "knn_top1" in r and "elapsed_s" in r]
     return os.path.basename(os.path.dirname(os.path.abspath(path))), points
 

@@ -31,10 +31,11 @@ import data
 import launch
 import methods
 from checkpoint import (PREEMPTED_EXIT_CODE, CheckpointError, NonFiniteLoss, StopSignals, check_finite_state,
-                        resume_state, save_checkpoint)
+                        resume_state, resumed_step, save_checkpoint)
 from data import seed_for
 from eval_knn import knn_evaluate
 from launch import ConfigError, RunLog, validate
+from memory import search_kind
 from model import ProjectionHead, build_backbone
 
 
@@ -61,7 +62,7 @@ class Config:
     pred_ratio: tuple[float, ...] = (0.0, 0.3)
     pred_ratio_var: tuple[float, ...] = (0.0, 0.2)
     # networks (sthalles/sop models/vision_transformer.py, models/head.py)
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | custom (set embed_dim, depth, num_heads)
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | custom (set embed_dim, depth, num_heads)
     patch_size: int = 16
     embed_dim: int = 0  # 0: the arch's width
     depth: int = 0  # 0: the arch's depth
@@ -115,6 +116,7 @@ class Config:
     knn_every: int = 10  # epochs between k-NN evaluations (also before the first step); 0 = never
     log_every: int = 20  # steps between progress updates (the only host syncs of the loop)
     max_steps: int = 0  # stop after this many steps of this run (with a checkpoint); 0 = to the end
+    saveckp_freq: int = 0  # also keep checkpoint{epoch:04}.pth every this many epochs (DINO's flag); 0 = never
 
     def __post_init__(self):  # sizes left at 0: the method's official default, resolved here so logs show it
         for name, value in methods.default_sizes(self.method, self.class_memory_size).items():
@@ -323,17 +325,14 @@ STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_cls_std")
 
 @dataclass
 class TrainingData:
-    """The training split (in memory on the device when small, airbench style; else an image folder), the fixed
-    subset trained on (None: all), and the k-NN test split once loaded."""
+    """The training split (held on the device when in memory, airbench style), its subset, the k-NN test split."""
     train_set: data.ImageDataset | data.ImageFolder
     images: torch.Tensor | None  # uint8 (n, 3, H, W) on the device, in-memory datasets only
     subset: torch.Tensor | None  # int64 indices into train_set (--train_subset)
     folder_options: dict
     test_set: data.ImageDataset | data.ImageFolder | None = None
 
-    @property
-    def num_train(self) -> int:
-        return len(self.train_set) if self.subset is None else len(self.subset)
+    num_train = property(lambda self: len(self.train_set) if self.subset is None else len(self.subset))
 
 
 def load_training_data(cfg: Config, device: torch.device, rank: int, world: int) -> TrainingData:
@@ -426,20 +425,20 @@ def start_run(cfg: Config, loaded: TrainingData, device: torch.device, rank: int
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pth")
     ckpt, notes = resume_state(cfg, ckpt_path)
     trainer, step = Trainer(cfg, device, world, steps_per_epoch), 0
+    trainer.schedule = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                            train_images=loaded.num_train)  # what the schedules depend on, saved with checkpoints
     if ckpt is not None:
         trainer.load_state_dict(ckpt, ckpt_path)
-        step, run_start = ckpt["step"], run_start - ckpt.get("elapsed_s", 0.0)  # wall-clock counts across resumes
+        step = resumed_step(ckpt, trainer.schedule, cfg.resume_changes, notes)
+        run_start -= ckpt.get("elapsed_s", 0.0)  # wall-clock time keeps counting across resumes
     env = launch.environment(device, world)
-    derived = {"global_batch": global_batch, "peak_lr": cfg.lr * global_batch / 256, "steps_per_epoch": steps_per_epoch,
-               "total_steps": cfg.epochs * steps_per_epoch, "train_images": loaded.num_train,
-               "precision": trainer.precision, "student_parameters": sum(p.numel() for p in trainer.params)}
-    log = RunLog(cfg.output_dir, rank == 0, dict(config=asdict(cfg), environment=env, derived=derived) if step == 0
-                 else None)
+    derived = {**trainer.schedule, "peak_lr": cfg.lr * global_batch / 256, "total_steps": cfg.epochs * steps_per_epoch,
+               "precision": trainer.precision, "student_parameters": sum(p.numel() for p in trainer.params),
+               "neighbour_search": search_kind(device)}
+    log = RunLog(cfg.output_dir, not rank, None if step else dict(config=asdict(cfg), environment=env, derived=derived))
     if rank == 0:
         print(f"config: {json.dumps(asdict(cfg))}\nenvironment: {json.dumps(env)}\nderived: {json.dumps(derived)}"
-              + (f"\nresuming at step {step}" if step else ""))
-        for note in notes:
-            print(note)
+              + (f"\nresuming at step {step}" if step else "") + "".join(f"\n{note}" for note in notes))
     if ckpt is not None and (notes or ckpt["changes"]):
         log.write({"step": step, "resumed_from_previous_checkpoint": any(n.startswith("warning") for n in notes),
                    "resume_changes": {name: [old, new] for name, (old, new) in ckpt["changes"].items()}})
@@ -455,8 +454,7 @@ def run_training(cfg: Config, device: torch.device, rank: int, world: int, run_s
     loaded = load_training_data(cfg, device, rank, world)
     trainer, step, log, run_start = start_run(cfg, loaded, device, rank, world, run_start)
     main_process, steps_per_epoch, ckpt_path = rank == 0, trainer.steps_per_epoch, log.checkpoint_path
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = total_steps if cfg.max_steps == 0 else min(total_steps, step + cfg.max_steps)
+    stop_step = min(cfg.epochs * steps_per_epoch, step + cfg.max_steps if cfg.max_steps else 10 ** 18)
     watch = NonFiniteLoss(device)
     stopping = stop.any_rank()  # a signal during the epoch-0 k-NN
     while step < stop_step and not stopping:
@@ -464,7 +462,8 @@ def run_training(cfg: Config, device: torch.device, rank: int, world: int, run_s
         check_finite_state(trainer, step, ckpt_path)  # on every rank (identical weights), so all stop together
         if main_process:  # every random stream of step s is seeded from (seed, s): the step is the RNG state
             save_checkpoint(ckpt_path, {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                                        "elapsed_s": time.time() - run_start, "config": asdict(cfg)})
+                                        "elapsed_s": time.time() - run_start, "config": asdict(cfg),
+                                        "schedule": trainer.schedule}, keep_every=cfg.saveckp_freq)
         if stopping:
             if dist.is_initialized():
                 dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
@@ -478,7 +477,7 @@ def run_training(cfg: Config, device: torch.device, rank: int, world: int, run_s
             record["knn_top1"] = top1
         log.write({**record, "elapsed_s": time.time() - run_start}, show=True)  # k-NN evaluations included
         stopping = stop.any_rank()  # a signal during the k-NN evaluation: the checkpoint above is this step's
-    trainer.step, trainer.preempted = step, stopping
+    trainer.step, trainer.preempted = step, stopping  # the step reached; stopped by a signal (exit status 75)
     return trainer
 
 

@@ -239,50 +239,63 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> str:
-    """Write the picture; returns the path. Every bad input ends in one 'error: ...' line before any compute."""
-    args = parse_args(argv)
+MAX_ROWS, MAX_K, MAX_TILE = 64, 64, 1024  # beyond these a picture is too large to read (and to write)
+
+
+def check_arguments(args) -> None:
+    """One 'error: ...' line for a flag value that cannot work, before anything is read."""
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not args.out.lower().endswith(".png"):
         raise SystemExit(f"error: --out {args.out}: must be a .png file")
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out {args.out}: directory {out_dir} does not exist")
-    for name in ("num_images", "num_sops", "k", "tile", "image_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name} {getattr(args, name)}: must be > 0")
+    for name, most in (("num_images", MAX_ROWS), ("num_sops", MAX_ROWS), ("k", MAX_K), ("tile", MAX_TILE),
+                       ("image_size", 4096)):
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= most:
+            raise SystemExit(f"error: --{name} {value}: valid: 1 to {most}")
     for path in args.images or []:
         if not os.path.isfile(path):
             raise SystemExit(f"error: --images {path}: no such file")
-    device = pick_device(args.device)
 
+
+def check_sops_checkpoint(args, ckpt, config) -> tuple[int, int]:
+    """The sops picture needs an SOP train.py checkpoint whose class memory traces rows to images: (rows, k)."""
+    if config is not None and config.get("method", "sop") != "sop":
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs an SOP checkpoint; this one was "
+                         f"trained with --method {config['method']}, which draws no SOPs")
+    memory_state = ckpt.get("class_memory") if config is not None else None
+    if not isinstance(memory_state, dict) or "memory" not in memory_state:
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs a train.py checkpoint (it draws "
+                         f"from the class memory); this is a plain state dict")
+    if "index" not in memory_state:
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: its class memory has no index buffer (written "
+                         f"before visualize.py existed), so its rows cannot be traced to images; train (or resume "
+                         f"for an epoch) with the current train.py")
+    rows = memory_state["memory"].shape[0]
+    k = args.k if args.k is not None else config["class_neighbors"]
+    if k >= rows:
+        raise SystemExit(f"error: --k {k}: must leave room for an anchor in the {rows}-row class memory")
+    return rows, k
+
+
+def main(argv=None) -> str:
+    """Write the picture; returns the path. Every bad input ends in one 'error: ...' line before any compute."""
+    args = parse_args(argv)
+    check_arguments(args)
+    device = pick_device(args.device)
     try:
         ckpt = read_checkpoint(args.checkpoint)
     except ValueError as e:
         raise SystemExit(f"error: --checkpoint {e}")
     config = ckpt.get("config") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else None
-    if args.picture == "sops":
-        if config is not None and config.get("method", "sop") != "sop":
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs an SOP checkpoint; this one was "
-                             f"trained with --method {config['method']}, which draws no SOPs")
-        memory_state = ckpt.get("class_memory") if config is not None else None
-        if not isinstance(memory_state, dict) or "memory" not in memory_state:
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: sops needs a train.py checkpoint (it draws "
-                             f"from the class memory); this is a plain state dict")
-        if "index" not in memory_state:
-            raise SystemExit(f"error: --checkpoint {args.checkpoint}: its class memory has no index buffer (written "
-                             f"before visualize.py existed), so its rows cannot be traced to images; train (or resume "
-                             f"for an epoch) with the current train.py")
-        rows = memory_state["memory"].shape[0]
-        k = args.k if args.k is not None else config["class_neighbors"]
-        if k >= rows:
-            raise SystemExit(f"error: --k {k}: must leave room for an anchor in the {rows}-row class memory")
+    rows, k = check_sops_checkpoint(args, ckpt, config) if args.picture == "sops" else (None, args.k)
     backbone, image_size, _ = load_backbone(args.checkpoint, args.arch, args.patch_size)  # one-line SystemExits
     image_size = args.image_size or image_size
     if image_size % backbone.patch_size:
         raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
                          f"{backbone.patch_size}")
     backbone = backbone.to(device).eval()
-    tile = args.tile or image_size * math.ceil(128 / image_size)
     dataset_name = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     need_data = not (args.picture == "attention" and args.images)
@@ -304,6 +317,15 @@ def main(argv=None) -> str:
 
     epoch = ckpt.get("epoch") if config is not None else None
     source = f"{args.checkpoint}" + (f", epoch {epoch}" if epoch is not None else "")
+    picture = draw(args, ckpt, config, backbone, load, dataset_name, image_size, source, rows, k, device)
+    picture.save(args.out, optimize=True)
+    print(f"wrote {args.out} ({picture.width} x {picture.height} px)")
+    return args.out
+
+
+def draw(args, ckpt, config, backbone, load, dataset_name, image_size, source, rows, k, device) -> Image.Image:
+    """The picture args.picture asks for, with its caption."""
+    tile = args.tile or image_size * math.ceil(128 / image_size)
     if args.picture == "attention":
         if args.images:
             images, names = load_image_files(args.images, image_size), [os.path.basename(p) for p in args.images]
@@ -319,8 +341,8 @@ def main(argv=None) -> str:
                    f"of each of the {heads} heads of the last block ({depth}) at {image_size} px "
                    f"({image_size // backbone.patch_size} x {image_size // backbone.patch_size} patches), then "
                    f"their mean; each map scaled to its own min-max, bright = high.")
-        picture = attention_picture(backbone, images.to(device), image_size, tile, names, caption)
-    elif args.picture == "sops":
+        return attention_picture(backbone, images.to(device), image_size, tile, names, caption)
+    if args.picture == "sops":
         memory = MemoryBank(*ckpt["class_memory"]["memory"].shape)
         memory.load_state_dict(ckpt["class_memory"])
         train_set = load("train")
@@ -331,21 +353,16 @@ def main(argv=None) -> str:
                    f"rows: the first {min(args.num_sops, anchors)}. Each row: the anchor, then its {k} nearest "
                    f"memory embeddings, shown as the {dataset_name} training images they came from; w = vote weight "
                    f"(anchor 1 - smoothing, neighbours their cosine to the anchor); grey = unknown source.")
-        picture = sops_picture(memory, train_set, dataset_name, args.num_sops, anchors, k, config["smoothing"],
-                               args.seed, tile, caption)
-    else:
-        train_set, test_set = load("train"), load("test")
-        k = min(args.k or 8, len(train_set))
-        queries = pick(min(args.num_images, len(test_set)), len(test_set), args.seed)
-        caption = (f"Nearest neighbours, {source}. Rows: {len(queries)} {dataset_name} test images (seed "
-                   f"{args.seed}), each followed by its {k} nearest of {len(train_set)} training images by teacher "
-                   f"[CLS] cosine at {image_size} px; frame green = same label, red = different.")
-        picture = neighbors_picture(backbone, train_set, test_set, dataset_name, queries, k, image_size, device,
-                                    args.num_workers, tile, caption)
-    picture.save(args.out, optimize=True)
-    print(f"wrote {args.out} ({picture.width} x {picture.height} px)")
-    return args.out
-
+        return sops_picture(memory, train_set, dataset_name, args.num_sops, anchors, k, config["smoothing"],
+                            args.seed, tile, caption)
+    train_set, test_set = load("train"), load("test")
+    k = min(k or 8, len(train_set))
+    queries = pick(min(args.num_images, len(test_set)), len(test_set), args.seed)
+    caption = (f"Nearest neighbours, {source}. Rows: {len(queries)} {dataset_name} test images (seed "
+               f"{args.seed}), each followed by its {k} nearest of {len(train_set)} training images by teacher "
+               f"[CLS] cosine at {image_size} px; frame green = same label, red = different.")
+    return neighbors_picture(backbone, train_set, test_set, dataset_name, queries, k, image_size, device,
+                             args.num_workers, tile, caption)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -61,7 +61,8 @@ def test_custom_configurations_from_train_flags(capsys):
                           "--compile", "false", "--steps", "1", "--warmup", "0", "--device", "cpu"])
     assert [r["config"] for r in results] == ["mim0", "mim1"]  # no default configurations besides them
     assert results[1]["gflops_per_image"] > results[0]["gflops_per_image"]  # the head on the patch tokens
-    for bad, message in (("k0", "expected NAME=FLAGS"), ("x=--preset cpu_demo --class_neighbors -1", "configuration x")):
+    for bad, message in (("k0", "expected NAME=FLAGS"),
+                         ("x=--preset cpu_demo --class_neighbors -1", "configuration x")):
         with pytest.raises(SystemExit):
             bench.main(["--custom", bad, "--device", "cpu"])
         assert message in capsys.readouterr().err

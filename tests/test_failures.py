@@ -249,5 +249,38 @@ def test_a_renamed_flag_is_refused_naming_its_new_name_and_old_checkpoints_resum
     assert train.main(QUIET + ["--output_dir", out, "--max_steps", "1"]).step == 17
     ckpt["config"]["out_dim"] = 64  # ... whose embedding dim differs: refused under the new name
     torch.save(ckpt, tmp_path / "checkpoint.pth")
-    (tmp_path / "checkpoint.prev.pth").unlink()
+    (tmp_path / "checkpoint.prev.pth").unlink(missing_ok=True)
     one_line_error(QUIET + ["--output_dir", out], "--bottleneck_dim 32: the checkpoint")
+
+
+def test_a_resume_with_other_schedule_lengths_is_refused_unless_accepted_then_continues_in_place(tmp_path):
+    """A checkpoint of a run on 2 GPUs (global batch 64, 8 steps per epoch) resumed on 1 (32, 16 steps): its
+    schedules were built for other step counts. Refused in one line; with --resume_changes ok the run continues at
+    the same point of its schedule (step 4 of 8 per epoch -> step 8 of 16) and ends after its 2 epochs."""
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--max_steps", "16"])  # one epoch on 1 process
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["schedule"] == {"world_size": 1, "global_batch": 32, "steps_per_epoch": 16, "train_images": 512}
+    ckpt.update(step=4, schedule={"world_size": 2, "global_batch": 64, "steps_per_epoch": 8, "train_images": 512})
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    (tmp_path / "checkpoint.prev.pth").unlink(missing_ok=True)
+    one_line_error(QUIET + ["--output_dir", out], "world_size 2 -> 1, global_batch 64 -> 32, steps_per_epoch 8 -> 16")
+    trainer = train.main(QUIET + ["--output_dir", out, "--resume_changes", "ok", "--max_steps", "1"])
+    assert trainer.step == 9  # resumed at 8
+    assert train.main(QUIET + ["--output_dir", out]).step == 32  # the end of epoch 2
+    changes = [r for r in read_log(out) if "resume_changes" in r][0]
+    assert changes["step"] == 8 and changes["resume_changes"]["world_size"] == [2, 1]
+    # Another training set behind the same --data_path: also refused.
+    ckpt["schedule"] = {"world_size": 1, "global_batch": 32, "steps_per_epoch": 32, "train_images": 1024}
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    (tmp_path / "checkpoint.prev.pth").unlink(missing_ok=True)
+    one_line_error(QUIET + ["--output_dir", out], "steps_per_epoch 32 -> 16, train_images 1024 -> 512")
+
+
+def test_saveckp_freq_keeps_numbered_checkpoints_of_whole_epochs(tmp_path):
+    out = str(tmp_path)
+    train.main(QUIET + ["--output_dir", out, "--epochs", "3", "--saveckp_freq", "2"])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint0*.pth")) == ["checkpoint0002.pth"]
+    kept = torch.load(tmp_path / "checkpoint0002.pth", weights_only=True)
+    assert kept["step"] == 32 and kept["epoch"] == 2 and not list(tmp_path.glob("*.tmp"))
+    one_line_error(QUIET + ["--saveckp_freq", "-1"], "--saveckp_freq -1: must be >= 0")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import methods
 import train
 from conftest import TINY
+from memory import all_gather_rows
 from model import NetworkOutput as Out
 
 SIZES = {"num_prototypes": "64", "partition_size": "16"}
@@ -206,7 +207,11 @@ def _worker(rank, port, out_dir):
     loss, consistency = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
                                                torch.Generator().manual_seed(0))[:2]
     (loss - consistency).backward()
-    torch.save({"cls": centers.cls, "patch": centers.patch, "t_cls": t_cls, "t_patch": t_patch, "blocks": blocks,
+    # SOP's memories: embeddings and dataset indices of both ranks in one all_gather, indices bit for bit
+    rows, index = torch.randn(4, 6), torch.arange(4) + 2 ** 53 + 3 + 10 * rank  # not exact as floats
+    gathered = all_gather_rows(rows, index)
+    torch.save({"rows": rows, "index": index, "gathered": gathered,
+                "cls": centers.cls, "patch": centers.patch, "t_cls": t_cls, "t_patch": t_patch, "blocks": blocks,
                 "s": s.detach(), "t": t, "uniformity": (loss - consistency).detach(), "grad": s.grad},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -217,6 +222,10 @@ def test_two_ranks_same_centres_partitions_and_gathered_uniformity(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for key in ("cls", "patch"):
         assert torch.equal(r0[key], r1[key]), key
+    for r in (r0, r1):  # rank order, exact, the same on both ranks
+        assert torch.equal(r["gathered"][0], torch.cat((r0["rows"], r1["rows"])))
+        index = torch.cat((r0["index"], r1["index"]))
+        assert r["gathered"][1].dtype == torch.int64 and torch.equal(r["gathered"][1], index)
     torch.testing.assert_close(r0["uniformity"], r1["uniformity"])  # loss - consistency: rounding differs
     assert all(torch.equal(a, b) for a, b in zip(r0["blocks"], r1["blocks"]))
     assert not torch.equal(*r0["blocks"])  # a new partition every step

@@ -31,3 +31,15 @@ def test_log_without_points_is_an_error(tmp_path):
     log = write_log(tmp_path / "old" / "log.jsonl", [{"epoch": 1, "step": 10, "knn_top1": 30.0}])
     with pytest.raises(SystemExit, match="no k-NN record with elapsed_s"):
         plot_knn.main([log, "--out", str(tmp_path / "x.png")])
+
+
+def test_missing_empty_and_wrong_kind_logs_give_one_line(tmp_path):
+    (tmp_path / "text.jsonl").write_text("not json\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    for path, message in ((tmp_path / "missing.jsonl", "no such file"), (tmp_path, "a directory"),
+                          (tmp_path / "text.jsonl", "not a log.jsonl"), (tmp_path / "list.jsonl", "not a log.jsonl"),
+                          (tmp_path / "empty.jsonl", "has no k-NN record")):
+        with pytest.raises(SystemExit) as info:
+            plot_knn.main([str(path), "--out", str(tmp_path / "x.png")])
+        assert str(info.value).startswith("error: ") and message in str(info.value) and "\n" not in str(info.value)

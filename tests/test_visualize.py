@@ -116,6 +116,10 @@ def test_bad_inputs_give_one_clear_line(tiny_run, tmp_path):
     assert "no such file" in one_line_error(lambda: run("neighbors", tmp_path / "missing.pth", out))
     assert "does not exist" in one_line_error(lambda: run("sops", ckpt, tmp_path / "no_dir" / "x.png"))
     assert "--images" in one_line_error(lambda: run("attention", ckpt, out, "--images", "nope.jpg"))
+    # Sizes that would write an unreadable (or enormous) picture: a 100000-row PNG, a zero tile.
+    assert "--num_sops 100000: valid: 1 to 64" in one_line_error(lambda: run("sops", ckpt, out, "--num_sops", "100000"))
+    assert "--tile 0: valid: 1 to 1024" in one_line_error(lambda: run("neighbors", ckpt, out, "--tile", "0"))
+    assert "--k -1" in one_line_error(lambda: run("neighbors", ckpt, out, "--k", "-1"))
     # An older checkpoint: its class memory has no index buffer.
     old = torch.load(ckpt, weights_only=True)
     del old["class_memory"]["index"]
