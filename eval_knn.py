@@ -8,9 +8,16 @@ most cosine-similar training images with weight exp(similarity / T), T = 0.07; t
     python eval_knn.py --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \\
         --dataset folder --data_path /path/to/imagenet
     python eval_knn.py --pixels --dataset fashion_mnist     # the raw-pixel baseline
+    torchrun --nproc_per_node=8 eval_knn.py --pretrained_weights CKPT --checkpoint_key teacher --dump_features f/
+    python eval_knn.py --load_features f/ --temperature 0.05 --train_fraction 0.1   # a sweep without re-extracting
+
+Under torchrun every process extracts a shard of the features; rank 0 alone classifies and prints. Published
+DINO/iBOT/SOP weights resample their position embeddings with DINO's offset (0.1), ours exactly (README,
+"Deviations from the official code").
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -105,12 +112,14 @@ def knn_evaluate(backbone, train_set, test_set, device, batch_size=256, image_si
                         max(train_set.num_classes, test_set.num_classes), ks, temperature)
 
 
-def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, interpolate_offset: float | None = None):
+def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, interpolate_offset: float | None = None,
+                  checkpoint_key: str = "teacher"):
     """Backbone from a checkpoint of train.py (its config rebuilds it) or from a plain ViT state dict (needs arch).
 
     Returns (backbone, eval image size, checkpoint config or None). Loads with weights_only=True: a checkpoint that
-    needs arbitrary code to unpickle is refused. interpolate_offset: position-embedding resampling at other sizes
-    (model.VisionTransformer); None = the checkpoint's setting, else 0 (0.1 suits published DINO/iBOT weights).
+    needs arbitrary code to unpickle is refused. checkpoint_key: the network to read (teacher or student, DINO's
+    --checkpoint_key). interpolate_offset: position-embedding resampling at other sizes (model.VisionTransformer);
+    None = the checkpoint's setting for ours, DINO's 0.1 for published DINO/iBOT/SOP weights (they were evaluated so).
     """
     try:
         ckpt = read_checkpoint(path)
@@ -123,7 +132,7 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, inte
             raise SystemExit(f"error: --checkpoint {path}: its 'config' is not a train.py config (a dict with "
                              f"{', '.join(needed)})")
     state = ckpt
-    for key in ("teacher", "state_dict", "model"):  # ours / iBOT / generic wrappers
+    for key in (checkpoint_key, "state_dict", "model"):  # ours and DINO's / iBOT / generic wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
@@ -146,7 +155,7 @@ def load_backbone(path: str, arch: str | None = None, patch_size: int = 16, inte
                              f"({', '.join(ARCHS)}) and --patch_size")
         grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))  # learnt grid of the published weights
         backbone = build_backbone(arch, grid * patch_size, patch_size, use_mask_token=False,
-                                  interpolate_offset=interpolate_offset or 0.0)
+                                  interpolate_offset=0.1 if interpolate_offset is None else interpolate_offset)
         image_size = 224
     try:
         backbone.load_state_dict(state)
@@ -163,79 +172,158 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, datasets=data.DATASETS) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, datasets=data.DATASETS, required: bool = True) -> None:
     """The flags every evaluation script shares: what to evaluate (a checkpoint or raw pixels) and on which data."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="train.py checkpoint or a plain ViT state dict")
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--checkpoint", "--pretrained_weights", dest="checkpoint",
+                        help="train.py checkpoint or a plain ViT state dict (--pretrained_weights: DINO's name)")
     source.add_argument("--pixels", action="store_true", help="baseline: raw pixels as features")
     parser.add_argument("--dataset", default=None, help=f"one of {datasets} (default: the checkpoint's)")
     parser.add_argument("--data_path", default=None, help="dataset root (default: the checkpoint's)")
+    parser.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
+                        help="the network of the checkpoint to evaluate (DINO's flag)")
     parser.add_argument("--arch", default=None, help=f"plain state dicts only: {', '.join(ARCHS)}")
     parser.add_argument("--patch_size", type=int, default=16, help="plain state dicts only")
     parser.add_argument("--interpolate_offset", type=float, default=None,
                         help="position-embedding resampling at other sizes: 0 exact (ours), 0.1 DINO/iBOT's form "
-                             "(default: the checkpoint's, 0 for plain state dicts)")
+                             "(default: the checkpoint's, 0.1 for plain DINO/iBOT/SOP state dicts)")
     parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: training size)")
     parser.add_argument("--synthetic_size", type=int, default=None,
                         help="synthetic training images (default: the checkpoint's, else 20000)")
 
 
+def low_shot_indices(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Sorted indices of a fixed class-balanced subset: round(fraction x n_c) (at least 1) images of each class c,
+    seeded by nothing but the split's size and the fraction, so every checkpoint is evaluated on the same images (a
+    stand-in for the SimCLR 1 % / 10 % ImageNet split files that DINO's low-shot rows use)."""
+    generator = torch.Generator().manual_seed(data.seed_for(len(labels), round(fraction * 10 ** 6)))
+    order = torch.randperm(len(labels), generator=generator)
+    keep = [members[:max(1, round(fraction * len(members)))]
+            for members in (order[labels[order] == c] for c in labels.unique())]
+    return torch.cat(keep).sort().values
+
+
+def setup_distributed(choice: str) -> tuple[torch.device, int]:
+    """The device, and this process's rank: under torchrun every process joins one group and extracts a shard of
+    the features (extract_features); rank 0 alone classifies, prints and writes."""
+    device = pick_device(choice)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank() if dist.is_initialized() else 0
+
+
+FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    add_common_arguments(parser, required=False)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=8, help="folder datasets only")
     parser.add_argument("--strict_data", action="store_true",
                         help="folder datasets: stop at the first unreadable image (default: skip it with a warning)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
+    parser.add_argument("--train_fraction", type=float, default=1.0,
+                        help="low-shot: vote with a fixed class-balanced fraction of the training images (0.01, 0.1)")
+    parser.add_argument("--dump_features", default=None, metavar="DIR",
+                        help="also save the features and labels there (DINO's trainfeat.pth, ... files)")
+    parser.add_argument("--load_features", default=None, metavar="DIR",
+                        help="read the features from DIR (written by --dump_features) instead of a checkpoint")
     args = parser.parse_args(argv)
     for name, ok, valid in (("batch_size", args.batch_size > 0, "must be > 0"),
                             ("num_workers", args.num_workers >= 0, "must be >= 0"),
                             ("temperature", math.isfinite(args.temperature) and args.temperature > 0,
                              "must be a finite number > 0"),
+                            ("train_fraction", 0 < args.train_fraction <= 1, "valid: 0 < fraction <= 1"),
                             ("image_size", args.image_size is None or args.image_size > 0, "must be > 0"),
                             ("synthetic_size", args.synthetic_size is None or 0 < args.synthetic_size <= 10 ** 6,
                              "valid: 1 to 1000000"),
                             ("interpolate_offset", args.interpolate_offset is None
-                             or 0 <= args.interpolate_offset < 1, "valid: 0 <= offset < 1")):
+                             or 0 <= args.interpolate_offset < 1, "valid: 0 <= offset < 1"),
+                            ("load_features", args.load_features is None or all(
+                                os.path.isfile(os.path.join(args.load_features, f)) for f in FEATURE_FILES),
+                             f"must be a directory holding {', '.join(FEATURE_FILES)} (written by --dump_features)"),
+                            ("dump_features", args.dump_features is None or not os.path.isfile(args.dump_features),
+                             "must be a directory (created if missing), not a file")):
         if not ok:
             raise SystemExit(f"error: --{name} {getattr(args, name)!r}: {valid}")
+    if sum(map(bool, (args.checkpoint, args.pixels, args.load_features))) != 1:
+        raise SystemExit("error: give exactly one of --checkpoint (--pretrained_weights), --pixels, --load_features")
+    device, rank = setup_distributed(args.device)
+    try:
+        features = (read_features(args.load_features) if args.load_features else
+                    extract_both(args, device))
+    except data.DatasetError as e:  # e.g. an unreadable image with --strict_data, found by a loader worker
+        raise SystemExit(f"error: {e}")
+    if rank != 0:
+        return None
+    if args.dump_features:
+        os.makedirs(args.dump_features, exist_ok=True)
+        for name, tensor in zip(FEATURE_FILES, features[:4]):
+            torch.save(tensor.cpu(), os.path.join(args.dump_features, name))
+    train_features, train_labels, test_features, test_labels, num_classes = features
+    if args.train_fraction < 1:
+        keep = low_shot_indices(train_labels.cpu(), args.train_fraction).to(train_features.device)
+        train_features, train_labels = train_features[keep], train_labels[keep]
+        print(f"low-shot: {len(keep)} training images ({args.train_fraction:g} of each class)")
+    if len(train_features) < max(KNN_KS):
+        print(f"note: only {len(train_features)} training images: a k above that votes with all of them")
+    result = knn_classify(train_features, train_labels, test_features, test_labels, num_classes,
+                          temperature=args.temperature)
+    for k, (top1, top5) in result.items():
+        print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+    return result
 
+
+def read_features(folder: str) -> tuple:
+    """(train features, train labels, test features, test labels, number of classes) from --dump_features files."""
+    tensors = []
+    for name in FEATURE_FILES:
+        try:
+            tensors.append(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
+        except Exception as e:  # a corrupt or foreign file
+            raise SystemExit(f"error: --load_features {folder}: cannot read {name} ({str(e).splitlines()[0]})")
+    ok = (all(isinstance(t, torch.Tensor) for t in tensors) and tensors[0].ndim == tensors[2].ndim == 2
+          and tensors[0].shape[1] == tensors[2].shape[1] and len(tensors[0]) == len(tensors[1])
+          and len(tensors[2]) == len(tensors[3]) and len(tensors[0]) > 0)
+    if not ok:
+        raise SystemExit(f"error: --load_features {folder}: not the feature files of --dump_features (shapes differ)")
+    train_features, train_labels, test_features, test_labels = tensors
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return train_features.float(), train_labels.long(), test_features.float(), test_labels.long(), num_classes
+
+
+def extract_both(args, device: torch.device) -> tuple:
+    """Features of both splits from a checkpoint (or raw pixels), with the checkpoint's dataset by default."""
     if args.pixels:
         backbone, image_size, config = None, args.image_size, None
     else:
         backbone, image_size, config = load_backbone(args.checkpoint, args.arch, args.patch_size,
-                                                     args.interpolate_offset)
+                                                     args.interpolate_offset, args.checkpoint_key)
     dataset = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     if dataset is None:
         raise SystemExit("error: --dataset is required with --pixels or a plain state dict; valid: "
                          + ", ".join(data.DATASETS))
-    device = pick_device(args.device)
     image_size = args.image_size or image_size
-    try:
-        data.check_dataset(dataset, data_path)
-        size = args.synthetic_size or (config or {}).get("synthetic_size")
-        train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size or 224,
-                                      evaluation=True, strict=args.strict_data)
-        test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224,
-                                     strict=args.strict_data)
-        if backbone is None:
-            backbone = Pixels(image_size or train_set[0][0].shape[-1])
-        elif image_size and image_size % backbone.patch_embed.patch_size:
-            raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
-                             f"{backbone.patch_embed.patch_size}")
-        if len(train_set) < max(KNN_KS):
-            print(f"note: only {len(train_set)} training images: a k above that votes with all of them")
-        result = knn_evaluate(backbone.to(device), train_set, test_set, device, args.batch_size, image_size,
-                              args.num_workers, temperature=args.temperature)
-    except data.DatasetError as e:  # e.g. an unreadable image with --strict_data, found by a loader worker
-        raise SystemExit(f"error: {e}")
-    for k, (top1, top5) in result.items():
-        print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-    return result
-
+    data.check_dataset(dataset, data_path)
+    size = args.synthetic_size or (config or {}).get("synthetic_size")
+    train_set = data.load_dataset(dataset, data_path, "train", size=size, image_size=image_size or 224,
+                                  evaluation=True, strict=args.strict_data)
+    test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224, strict=args.strict_data)
+    if backbone is None:
+        backbone = Pixels(image_size or train_set[0][0].shape[-1])
+    elif image_size and image_size % backbone.patch_embed.patch_size:
+        raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
+                         f"{backbone.patch_embed.patch_size}")
+    backbone = backbone.to(device)
+    extract = (lambda split: extract_features(backbone, split, args.batch_size, device, image_size, args.num_workers))
+    return (extract(train_set), train_set.labels.to(device), extract(test_set), test_set.labels.to(device),
+            max(train_set.num_classes, test_set.num_classes))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -237,7 +237,7 @@ def main(argv=None):
     config = None
     if not args.pixels:
         backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size,
-                                                              args.interpolate_offset)
+                                                              args.interpolate_offset, args.checkpoint_key)
     dataset = args.dataset or (config or {}).get("dataset")
     data_path = args.data_path or (config or {}).get("data_path", "data")
     if dataset is None:

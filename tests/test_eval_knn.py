@@ -98,3 +98,39 @@ def test_cli_errors_are_one_line():
     result = subprocess.run([sys.executable, "eval_knn.py", "--checkpoint", "/nonexistent.pth"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip() == "error: --checkpoint /nonexistent.pth: no such file"
+
+
+def test_dump_load_low_shot_and_dino_aliases(tiny_run, tmp_path, capsys):
+    ckpt = str(tiny_run[0] / "checkpoint.pth")
+    full = eval_knn.main(["--pretrained_weights", ckpt, "--checkpoint_key", "teacher", "--device", "cpu",
+                          "--dump_features", str(tmp_path / "f")])
+    assert full == eval_knn.main(["--checkpoint", ckpt, "--device", "cpu"])
+    assert eval_knn.main(["--load_features", str(tmp_path / "f")]) == full  # no checkpoint read, same numbers
+    student = eval_knn.main(["--checkpoint", ckpt, "--checkpoint_key", "student", "--device", "cpu"])
+    assert student != full  # the student's backbone is another network
+    low = eval_knn.main(["--load_features", str(tmp_path / "f"), "--train_fraction", "0.1"])
+    assert "low-shot: 50 training images" in capsys.readouterr().out  # 512 images of 10 classes, 10 % of each
+    assert low != full
+    labels = torch.arange(100) % 4
+    a, b = eval_knn.low_shot_indices(labels, 0.1), eval_knn.low_shot_indices(labels, 0.1)
+    assert torch.equal(a, b) and torch.bincount(labels[a]).tolist() == [2, 2, 2, 2]  # fixed, class-balanced
+    for flags, message in ((["--load_features", str(tmp_path)], "must be a directory holding trainfeat.pth"),
+                           (["--load_features", str(tmp_path / "f"), "--train_fraction", "0"], "0 < fraction <= 1"),
+                           (["--load_features", str(tmp_path / "f"), "--checkpoint", ckpt], "exactly one of")):
+        with pytest.raises(SystemExit) as info:
+            eval_knn.main(flags)
+        assert str(info.value).startswith("error: ") and message in str(info.value), str(info.value)
+
+
+def test_torchrun_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
+    ckpt = str(tiny_run[0] / "checkpoint.pth")
+    single = subprocess.run([sys.executable, "eval_knn.py", "--checkpoint", ckpt, "--device", "cpu",
+                             "--batch_size", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    port = str(29500 + os.getpid() % 1000)
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            port, "eval_knn.py", "--checkpoint", ckpt, "--device", "cpu", "--batch_size", "64"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-2000:]
+    lines = [line for line in single.stdout.splitlines() if "-NN:" in line]
+    assert len(lines) == 4 and [line for line in multi.stdout.splitlines() if "-NN:" in line] == lines  # printed once
