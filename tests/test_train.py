@@ -194,6 +194,47 @@ def test_two_process_torchrun_keeps_identical_memories(tmp_path):
     assert log[-1]["step"] == 16 and 0 <= log[-1]["knn_top1"] <= 100
 
 
+def torchrun(out, *launch, env=None):
+    """A 2-process (or, with launch flags, one node's share of a) TINY run of 2 epochs under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, os.path.join("tests", "ddp_train.py"), *TINY,
+           "--batch_size_per_gpu", "16", "--knn_every", "0", "--output_dir", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finish(process) -> str:
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_a_killed_worker_restarts_and_two_nodes_end_as_one(tmp_path):
+    """kill -9 of a worker under --max-restarts: torchrun restarts the group, it resumes from the last checkpoint and
+    ends bit-identical to an uninterrupted run; two "nodes" on one host (static rendezvous) end as one node does."""
+    port = str(_free_port())
+    runs = {"whole": torchrun(tmp_path / "whole", "--standalone", "--nproc_per_node=2"),
+            "killed": torchrun(tmp_path / "killed", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+                               env={"SOP_TEST_KILL_AT_STEP": "20"})}  # in epoch 2: the checkpoint of step 16 exists
+    runs.update({f"node{r}": torchrun(tmp_path / "nodes", "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
+                                      "--master_addr=127.0.0.1", f"--master_port={port}") for r in range(2)})
+    outputs = {name: finish(process) for name, process in runs.items()}
+    assert "resuming at step 16" in outputs["killed"] and "resuming" not in outputs["whole"]  # it did die and resume
+    whole = torch.load(tmp_path / "whole" / "rank0.pt", weights_only=True)
+    for run in ("killed", "nodes"):
+        for rank in range(2):
+            other = torch.load(tmp_path / run / f"rank{rank}.pt", weights_only=True)
+            for key in whole:
+                assert torch.equal(whole[key], other[key]), (run, rank, key)
+    assert read_log(tmp_path / "killed")[-1]["step"] == 32
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_cpu_demo_preset_runs_and_learns_a_batch(tmp_path):
     """The README quick start's own settings: a few steps of the real run, then losses falling on a repeated batch."""
     out = tmp_path / "demo"
