@@ -339,6 +339,11 @@ def main(argv=None):
                         "depend on it)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    for name, ok, valid in (("steps", args.steps >= 1, "must be >= 1"), ("warmup", args.warmup >= 0, "must be >= 0"),
+                            ("count_batch", args.count_batch >= 1, "must be >= 1"),
+                            ("peak_tflops", args.peak_tflops is None or args.peak_tflops > 0, "must be > 0")):
+        if not ok:
+            parser.error(f"--{name} {getattr(args, name)}: {valid}")
     default = () if args.custom else GPU_CONFIGS
     configs = {name: CONFIGS[name] for name in (default if args.configs is None else args.configs)}
     for spec in args.custom:

@@ -81,6 +81,10 @@ def read_checkpoint(path: str) -> dict:
     unpickle, a corrupt one, or one whose zip CRCs do not match its bytes (a flipped bit inside a tensor, which
     torch.load itself does not notice) raises ValueError with a one-line reason."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle
+            raise ValueError(f"{path}: not a file written by torch.save (a checkpoint or a state dict)")
         if zipfile.is_zipfile(path):  # torch.save's format; older (legacy) pickles carry no checksums
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()  # reads every member and checks its CRC-32
@@ -91,7 +95,8 @@ def read_checkpoint(path: str) -> dict:
         raise ValueError(f"{path}: no such file")
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not a checkpoint file")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, zlib.error, KeyError,
+            AttributeError, IndexError, TypeError) as e:  # a damaged or foreign file fails in many ways
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0])
         raise ValueError(f"{path}: refused or unreadable (checkpoints load with weights_only=True): {reason}")

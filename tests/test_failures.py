@@ -284,3 +284,29 @@ def test_saveckp_freq_keeps_numbered_checkpoints_of_whole_epochs(tmp_path):
     kept = torch.load(tmp_path / "checkpoint0002.pth", weights_only=True)
     assert kept["step"] == 32 and kept["epoch"] == 2 and not list(tmp_path.glob("*.tmp"))
     one_line_error(QUIET + ["--saveckp_freq", "-1"], "--saveckp_freq -1: must be >= 0")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("eval_knn", []), ("eval_linear", []), ("eval_retrieval", []),
+    ("visualize", ["sops", "--out", "OUT.png"]), ("hubconf", ["--out", "OUT.pth"])])
+def test_every_script_refuses_a_text_file_as_checkpoint_in_one_line(tmp_path, script, args):
+    """A small text file given as a checkpoint (it used to end in a KeyError traceback)."""
+    import importlib
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(script).main([*args, "--checkpoint", str(text)])
+    message = str(info.value)
+    assert message.startswith("error: --checkpoint") and "not a file written by torch.save" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("flags,match", [(["--steps", "0"], "--steps 0: must be >= 1"),
+                                         (["--count", "--count_batch", "0"], "--count_batch 0: must be >= 1"),
+                                         (["--peak_tflops", "-5"], "--peak_tflops -5.0: must be > 0")])
+def test_bench_flags_fail_in_one_line(flags, match, capsys):
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "cpu_demo", *flags])
+    assert match in capsys.readouterr().err
