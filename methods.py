@@ -17,7 +17,7 @@ after the optimizer step with `update(...)`:
 
 `loss(student, teacher, masks, teacher_temp, generator)` gets the networks' outputs (model.NetworkOutput: `.cls`,
 `.patch`, and for methods with a prototype layer `.cls_logits`, `.patch_logits`) and returns
-(loss, loss_cls, loss_patch, teacher_entropy); `generator` is seeded from (seed, step) and identical on every rank.
+(loss, loss_cls, loss_patch, teacher_entropy (2,)); `generator` is seeded from (seed, step) and identical on every rank.
 README, "How SOP and the baselines differ", lists what each official implementation does differently.
 Shapes follow the legend in model.py; K = learnable prototypes or memory rows split into blocks, NB = block size.
 """
@@ -76,12 +76,15 @@ def build_method(cfg) -> nn.Module:
 
 
 def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of the teacher's batch-mean distribution (..., M) over rows (dim 0), averaged over blocks if any.
-
-    The same collapse monitor for every method: a teacher that sends every image to one target has entropy 0.
-    """
-    mean_probs = teacher_probs.float().mean(0)  # (..., M)
-    return -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum(-1).mean()
+    """(entropy of the batch-mean teacher distribution, mean entropy of the images' distributions), (2,), of rows
+    (n, ..., M), averaged over blocks if any: DINO's pair of collapse monitors, the same for every method. One-hot
+    collapse (every image to one target) drives the first to 0; uniform collapse (every target flat) drives the
+    second up to the first, near log M; a healthy teacher keeps the first high and the second well below it."""
+    p = teacher_probs.float()
+    mean_probs = p.mean(0)  # (..., M)
+    of_mean = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum(-1).mean()
+    per_image = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    return torch.stack((of_mean, per_image))
 
 
 class SOP(nn.Module):

@@ -246,7 +246,7 @@ class Trainer:
         indices (B,): the images' dataset indices, stored beside their memory rows (for visualize.py; None: -1).
         sizes (B, 2): valid (height, width) of each image when they are padded canvases (folder datasets).
 
-        Returns, on the device, (loss, loss_cls, loss_patch, teacher entropy, teacher [CLS] std): no host sync.
+        Returns the STATS, on the device: no host sync.
         """
         cfg, sched = self.cfg, self.schedules
         # ---- schedules; this step's random streams are all seeded from (seed, step)
@@ -289,7 +289,7 @@ class Trainer:
             # ---- the method's state after the losses read it: memory enqueue or centre update
             self.method.update(teacher, indices)
             cls_std = F.normalize(teacher.cls.float(), dim=-1).std(0).mean()  # collapse monitor: -> 0 if collapsed
-            return torch.stack((loss, loss_cls, loss_patch, entropy, cls_std)).detach()
+            return torch.cat((torch.stack((loss, loss_cls, loss_patch)), entropy, cls_std.view(1))).detach()
 
     def block_masks(self, step: int, rank: int, n: int) -> torch.Tensor:
         """The step's block masks (n = 2B, P), True = masked. They are drawn for a whole epoch at once, seeded from
@@ -320,7 +320,7 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------- loop
-STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_cls_std")
+STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_image_entropy", "teacher_cls_std")
 
 
 @dataclass

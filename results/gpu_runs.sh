@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several train.py runs side by side on one GPU (hyper-parameter tuning), then a table of k-NN against minutes.
-#   bash results/gpu_runs.sh results/issue9_tune.txt          # every line "NAME FLAGS..." of the file, in parallel
-#   ONLY=final bash results/gpu_runs.sh results/issue9_tune.txt   # the lines named final* alone (clean timing)
+#   bash results/gpu_runs.sh results/fmnist_gpu_tune.txt          # every line "NAME FLAGS..." of the file, in parallel
+#   ONLY=final bash results/gpu_runs.sh results/fmnist_gpu_tune.txt   # the lines named final* alone (clean timing)
 #   MINUTES=5 bash results/gpu_runs.sh FILE                   # deadline (default 9): then SIGTERM, which train.py
 #                                                             # answers by saving and stopping; the logs are kept
 # Each run writes runs/gpu/NAME; its log is copied to $OUT/NAME.jsonl (default OUT=results/gpu) every 30 s and at the
