@@ -233,9 +233,8 @@ def count_step(name: str, flags: list[str], batch: int, steps: int = 2) -> dict:
                 trainer.train_step(images, 1 + s, sizes=sizes)
     finally:
         torch.Tensor.backward = backward
-    if hasattr(trainer, "block_masks"):  # drawn once per epoch (older code: every step, counted above)
-        counter.ops["masks"] += epoch_masks[0] * steps / trainer.steps_per_epoch
-        counter.flops["masks"] += epoch_masks[1] * steps / trainer.steps_per_epoch
+    counter.ops["masks"] += epoch_masks[0] * steps / trainer.steps_per_epoch  # drawn once per epoch
+    counter.flops["masks"] += epoch_masks[1] * steps / trainer.steps_per_epoch
     parts = dict(zip(COUNT_PARTS, (*COUNT_PARTS[:-1], "other")))
     ops = {part: counter.ops[key] / steps for part, key in parts.items()}
     flops = {part: counter.flops[key] / steps / batch / 1e9 for part, key in parts.items()}

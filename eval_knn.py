@@ -284,9 +284,9 @@ def read_features(folder: str) -> tuple:
     tensors = []
     for name in FEATURE_FILES:
         try:
-            tensors.append(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
-        except Exception as e:  # a corrupt or foreign file
-            raise SystemExit(f"error: --load_features {folder}: cannot read {name} ({str(e).splitlines()[0]})")
+            tensors.append(read_checkpoint(os.path.join(folder, name)))  # weights_only, CRCs checked
+        except ValueError as e:
+            raise SystemExit(f"error: --load_features {e}")
     ok = (all(isinstance(t, torch.Tensor) for t in tensors) and tensors[0].ndim == tensors[2].ndim == 2
           and tensors[0].shape[1] == tensors[2].shape[1] and len(tensors[0]) == len(tensors[1])
           and len(tensors[2]) == len(tensors[3]) and len(tensors[0]) > 0)

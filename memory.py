@@ -91,23 +91,26 @@ class MemoryBank(nn.Module):
         return SOPs(support.flatten(0, 1), weights, rows)
 
 
-def all_gather_rows(*parts: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_rows(*parts: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Every rank's rows of each part (b, ...), in rank order (so every rank writes the same memory rows), in one
-    all_gather: the parts travel side by side as fp32 columns, int64 ones bit for bit (each viewed as two fp32)."""
+    all_gather: the parts travel side by side as fp32 columns, integer ones as int64 bit for bit (each viewed as two
+    fp32). A None part (no dataset indices) stays None; MemoryBank.enqueue stores it as -1."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return list(parts)
-    b = parts[0].shape[0]
-    columns = [p.reshape(b, -1).view(torch.float32) if p.dtype == torch.int64 else p.float().reshape(b, -1)
-               for p in parts]  # (b, c_i) each
+    present = [p for p in parts if p is not None]
+    b = present[0].shape[0]
+    columns = [p.float().reshape(b, -1) if p.is_floating_point() else p.long().reshape(b, -1).view(torch.float32)
+               for p in present]  # (b, c_i) each
     packed = torch.cat(columns, dim=1)  # (b, C)
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, packed)
-    packed, start, out = torch.cat(gathered), 0, []  # (b W, C)
-    for part, c in zip(parts, columns):
+    packed, start, rows = torch.cat(gathered), 0, []  # (b W, C)
+    for part, c in zip(present, columns):
         chunk = packed[:, start:start + c.shape[1]].contiguous()  # (b W, c_i)
         start += c.shape[1]
-        out.append((chunk.view(torch.int64) if part.dtype == torch.int64 else chunk).reshape(-1, *part.shape[1:]))
-    return out
+        rows.append((chunk if part.is_floating_point() else chunk.view(torch.int64)).reshape(-1, *part.shape[1:]))
+    rows = iter(rows)
+    return [None if p is None else next(rows) for p in parts]
 
 
 def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, fast: bool | None = None) -> torch.Tensor:

@@ -126,14 +126,12 @@ class SOP(nn.Module):
         teacher_cls, teacher_patch = teacher.cls, teacher.patch
         B = teacher_cls.shape[0] // 2
         second_view = slice(B, 2 * B)
-        if indices is None:
-            indices = torch.full((B,), -1, dtype=torch.long, device=teacher_cls.device)
         if teacher_patch is None:  # SOP-MIM off: the patch memory is never read
             self.class_memory.enqueue(teacher_cls[second_view], indices)
             return
         pick = torch.randint(teacher_patch.shape[1], (B,), device=teacher_patch.device)  # one random patch per image
         patch = teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick]  # (B, d)
-        cls, patch, indices = all_gather_rows(teacher_cls[second_view], patch, indices.long())  # one collective
+        cls, patch, indices = all_gather_rows(teacher_cls[second_view], patch, indices)  # one collective
         self.class_memory.enqueue(cls, indices, gathered=True)
         self.patch_memory.enqueue(patch, indices, gathered=True)
 

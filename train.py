@@ -200,7 +200,7 @@ class Trainer:
                                                      cfg.local_crops_scale, cfg.blur_sigma)
         self.make_masks = augment.BlockMaskGenerator(cfg.global_crops_size // cfg.patch_size, cfg.pred_ratio,
                                                      cfg.pred_ratio_var)
-        self.masks_epoch, self.epoch_masks = None, None  # block_masks' cache: (epoch, rank) and its masks
+        self.masks_epoch, self.epoch_masks = None, None  # block_masks' cache: (epoch, rank, crops) and its masks
 
         # Student (drop path, mask token) and teacher: a copy without either, never trained by gradients.
         def network(student: bool) -> nn.Module:
