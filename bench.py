@@ -18,6 +18,8 @@ and backward (3 x forward) on all crops; the memory matmuls, LayerNorm, GELU and
 """
 import argparse
 import json
+import math
+import os
 import shlex
 import statistics
 import sys
@@ -34,7 +36,7 @@ import train
 from losses import sop_loss, sop_mim_loss
 from memory import MemoryBank
 from data import FOLDER_LONG_SIDE
-from model import ARCHS
+from model import ARCHS, masked_tokens
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
 
@@ -84,20 +86,26 @@ def head_flops_per_token(in_dim: int, hidden_dim: int, bottleneck_dim: int) -> i
 
 
 def model_flops_per_image(cfg: train.Config) -> int:
-    """Training FLOPs per image: teacher forward on 2 global crops, student forward + backward on all crops."""
+    """Training FLOPs per image: teacher forward on 2 global crops, student forward + backward on all crops. The
+    head embeds [CLS] and, with a masked-patch loss, the masked patch tokens (a fraction mean(pred_ratio) of them,
+    the budget's padding not counted): the student's and SOP's teacher's (plus one patch per image for the patch
+    memory); iBOT's teacher embeds every patch (its centre c2 averages them)."""
     width, depth, _ = ARCHS.get(cfg.arch, (0, 0, 0))
     D, depth = cfg.embed_dim or width, cfg.depth or depth
     head = head_flops_per_token(D, cfg.head_hidden_dim, cfg.bottleneck_dim)
 
-    def crop_forward(size: int, head_tokens: str) -> int:
+    def crop_forward(size: int, head_patches: float) -> int:
         P = (size // cfg.patch_size) ** 2
         embed = 2 * P * 3 * cfg.patch_size ** 2 * D  # patch-embedding convolution
-        return embed + vit_flops_per_image(D, depth, 1 + P) + head * (1 + P if head_tokens == "all" else 1)
+        return embed + vit_flops_per_image(D, depth, 1 + P) + int(head * (1 + head_patches * P))
 
-    global_crop = crop_forward(cfg.global_crops_size, "all" if methods.uses_patch_tokens(cfg) else "cls")
-    local_crop = crop_forward(cfg.local_crops_size, "cls")  # local patch tokens skip the head (model.MultiCropWrapper)
-    teacher = 2 * global_crop
-    student = 2 * global_crop + cfg.local_crops_number * local_crop
+    patch = methods.uses_patch_tokens(cfg)
+    masked = sum(cfg.pred_ratio) / len(cfg.pred_ratio) if patch else 0.0
+    P = (cfg.global_crops_size // cfg.patch_size) ** 2
+    teacher_patches = (1.0 if cfg.method == "ibot" else masked + 0.5 / P) if patch else 0.0
+    local_crop = crop_forward(cfg.local_crops_size, 0.0)  # local patch tokens skip the head (model.MultiCropWrapper)
+    teacher = 2 * crop_forward(cfg.global_crops_size, teacher_patches)
+    student = 2 * crop_forward(cfg.global_crops_size, masked) + cfg.local_crops_number * local_crop
     return teacher + 3 * student
 
 
@@ -271,11 +279,12 @@ def time_memory_work(cfg, device: torch.device, gen: torch.Generator, steps: int
     P = (cfg.global_crops_size // cfg.patch_size) ** 2
     cls_s = F.normalize(torch.randn(V, cfg.bottleneck_dim, device=device), dim=1).requires_grad_()
     cls_t = F.normalize(torch.randn(G, cfg.bottleneck_dim, device=device), dim=1)
-    pat_s = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1).requires_grad_()
-    pat_t = F.normalize(torch.randn(G, P, cfg.bottleneck_dim, device=device), dim=-1)
+    tokens = masked_tokens(torch.rand(G, P, device=device) < 0.15, int(0.2 * G * P))  # the masked patch tokens
+    T = tokens.index.shape[0]
+    pat_s = F.normalize(torch.randn(T, cfg.bottleneck_dim, device=device), dim=-1).requires_grad_()
+    pat_t = F.normalize(torch.randn(T, cfg.bottleneck_dim, device=device), dim=-1)
     class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim).to(device)
     patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim).to(device)
-    masks = torch.rand(G, P, device=device) < 0.15
 
     def memory_work():
         total = 0.0
@@ -284,7 +293,7 @@ def time_memory_work(cfg, device: torch.device, gen: torch.Generator, steps: int
             total = total + sop_loss(sops.probabilities(cls_s, 0.1), sops.probabilities(cls_t, 0.04))
         if methods.uses_patch_tokens(cfg):  # SOP-MIM on
             psops = patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, gen)
-            total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), masks)
+            total = total + sop_mim_loss(psops.probabilities(pat_s, 0.1), psops.probabilities(pat_t, 0.04), tokens)
         total.backward()
     timed(memory_work, 2, device)
     return timed(memory_work, max(3, steps // 2), device)
@@ -314,8 +323,25 @@ def peer(device: torch.device, batch: int = 128, steps: int = 20, warmup: int = 
     return result
 
 
+MAX_TIMED_STEPS = 10_000  # timed or warm-up steps: the median settles within tens; more is a typo that runs for days
+MAX_COUNT_BATCH = 1024  # --count: op counts do not depend on the batch, memory does
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2, no usage dump (--help lists the flags)
+        self.exit(2, f"error: {message}\n")
+
+
+def check_json_path(path: str | None, error) -> None:
+    """error(message) unless --json names a file that can be written once the measurements are done."""
+    directory = os.path.dirname(os.path.abspath(path or "."))
+    problem = "is a directory" if path and os.path.isdir(path) else f"directory {directory} does not exist"
+    if path and (os.path.isdir(path) or not os.path.isdir(directory)):
+        error(f"--json {path}: {problem}; valid: a file in an existing directory")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                         help="default: imagenet_vit_s16 cifar_vit_s4 cifar_vit_t4, or none when --custom is given")
     parser.add_argument("--custom", nargs="+", default=[], metavar="NAME=FLAGS",
@@ -339,10 +365,16 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     for name, ok, valid in (("steps", args.steps >= 1, "must be >= 1"), ("warmup", args.warmup >= 0, "must be >= 0"),
+                            ("steps", args.steps <= MAX_TIMED_STEPS, f"valid: 1 to {MAX_TIMED_STEPS}"),
+                            ("warmup", args.warmup <= MAX_TIMED_STEPS, f"valid: 0 to {MAX_TIMED_STEPS}"),
                             ("count_batch", args.count_batch >= 1, "must be >= 1"),
-                            ("peak_tflops", args.peak_tflops is None or args.peak_tflops > 0, "must be > 0")):
+                            ("count_batch", args.count_batch <= MAX_COUNT_BATCH, f"valid: 1 to {MAX_COUNT_BATCH}"),
+                            ("peak_tflops", args.peak_tflops is None or args.peak_tflops > 0, "must be > 0"),
+                            ("peak_tflops", args.peak_tflops is None or math.isfinite(args.peak_tflops),
+                             "must be finite")):
         if not ok:
             parser.error(f"--{name} {getattr(args, name)}: {valid}")
+    check_json_path(args.json, parser.error)
     default = () if args.custom else GPU_CONFIGS
     configs = {name: CONFIGS[name] for name in (default if args.configs is None else args.configs)}
     for spec in args.custom:

@@ -195,6 +195,9 @@ def gpu_measurements(root: Path, batch: int, steps: int) -> dict:
     return results
 
 
+MAX_IMAGES = 20_000  # fabricated 500 x 375 JPEGs (about 50 kB each) in a temporary directory: 1 GB at most
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=200, help="fabricated JPEGs (per-core rates, fidelity)")
@@ -204,6 +207,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    for name, most in (("num_images", MAX_IMAGES), ("fidelity_images", MAX_IMAGES), ("batch", 4096),
+                       ("steps", 10_000)):  # one line before any JPEG is written; steps: as bench.py's cap
+        if not 1 <= getattr(args, name) <= most:
+            raise SystemExit(f"error: --{name} {getattr(args, name)}: valid: 1 to {most}")
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        raise SystemExit(f"error: --json {args.json}: is a directory or in a directory that does not exist; valid: "
+                         f"a file in an existing directory")  # before the measurements, not after them
     results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
                "image_size": [500, 375], "jpeg_quality": 90}
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,8 @@
     save_checkpoint    atomic write (temp file, fsync, rename); the replaced file is kept as checkpoint.prev.pth
     read_checkpoint    torch.load(weights_only=True) after checking the zip CRCs (a flipped bit is refused)
     resume_state       the checkpoint a resume starts from, refused in one line when it cannot fit the run
+    read_init_source   --init_from: another run's checkpoint or a published ViT state dict, for a new run
+    initialise_from    its networks (and with --init_memories its memories or centres) into a fresh trainer
     OutputLock         one run per output_dir
     StopSignals        SIGTERM / Ctrl-C: save after the current step, exit with PREEMPTED_EXIT_CODE
 
@@ -30,7 +32,8 @@ SHAPE_FIELDS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "head_h
 # Fields a resume may change freely: where things are, how often to report, how to run. Every other field changes
 # the trajectory (schedules, data order, numerics), so changing it breaks the exact-resume promise.
 RESUME_FREE_FIELDS = ("output_dir", "data_path", "resume", "resume_changes", "knn_every", "log_every", "max_steps",
-                      "num_workers", "device", "compile", "strict_data", "saveckp_freq")
+                      "num_workers", "device", "compile", "strict_data", "saveckp_freq", "tensorboard",
+                      "init_from", "init_memories")  # where a run started does not change it from the checkpoint on
 RENAMED_FIELDS = {"out_dim": "bottleneck_dim"}  # old name -> new name; older checkpoints are read under the new
 
 
@@ -187,10 +190,112 @@ def resume_state(cfg, ckpt_path: str) -> tuple[dict | None, list[str]]:
     if changes and cfg.resume_changes != "ok":
         raise CheckpointError(f"--output_dir {cfg.output_dir}: resuming with changed settings breaks exact resume: "
                               f"{listed}; pass --resume_changes ok to accept them, or use another --output_dir")
+    started_from = ckpt["config"].get("init_from", "")
+    if cfg.init_from and not same_file(started_from, cfg.init_from):  # a requeued --init_from job resumes
+        began = f"started from {started_from}" if started_from else "not started from it"
+        raise CheckpointError(f"--init_from {cfg.init_from}: {cfg.output_dir} already holds a checkpoint (step "
+                              f"{ckpt['step']}) of a run {began}; --resume would continue that run, --init_from is "
+                              f"for new runs: use another --output_dir, or drop --init_from")
+    if cfg.init_from:
+        notes.append(f"--init_from {cfg.init_from} started this run; resuming its checkpoint (step {ckpt['step']}), "
+                     f"the file is not read again")
     ckpt["changes"] = changes
     notes += [f"resuming with changed settings (--resume_changes ok): {name} {old!r} -> {new!r}"
               for name, (old, new) in changes.items()]
     return ckpt, notes
+
+
+def same_file(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+# Where published files keep a ViT state dict, in the order tried: DINO's full checkpoints hold teacher and student
+# (the teacher first, as facebookresearch/dino eval_knn.py --checkpoint_key teacher), others state_dict or model.
+BACKBONE_KEYS = ("teacher", "state_dict", "model", "student")
+
+
+def read_init_source(cfg) -> dict:
+    """The file --init_from names, read and checked before the networks are built: {"kind": "checkpoint",
+    "state": ckpt} for a train.py checkpoint, {"kind": "backbone", "state": backbone} for a plain ViT state dict
+    (DINO/timm names, as eval_knn.load_backbone reads them: "module." and "backbone." prefixes removed, head
+    tensors and the mask token dropped). A missing, foreign or incomplete file raises CheckpointError."""
+    path = cfg.init_from
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise CheckpointError(f"--init_from {e}")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        missing = [k for k in ("student", "teacher") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise CheckpointError(f"--init_from {path} lacks {', '.join(missing)}: not a complete train.py checkpoint")
+        ckpt["config"] = saved_config(ckpt)
+        return {"kind": "checkpoint", "state": ckpt}
+    if cfg.init_memories:
+        raise CheckpointError(f"--init_memories true: --init_from {path} is a plain ViT state dict, which holds no "
+                              f"memories or centres; valid with it: false")
+    state = ckpt
+    for key in BACKBONE_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--init_from {path}: neither a train.py checkpoint nor a ViT state dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return {"kind": "backbone", "state": {k: v for k, v in state.items()
+                                          if not k.startswith("head.") and k != "masked_embed"}}
+
+
+def initialise_from(trainer, source: dict, cfg, notes: list[str]) -> dict:
+    """Load source (read_init_source) into a freshly built trainer, whose optimiser, schedules and step stay fresh:
+    from a train.py checkpoint its student and teacher (and with --init_memories the method's memories or centres),
+    from a plain ViT the same backbone into both (heads, mask token and memories keep their fresh initialisation).
+    Every tensor is checked first: an extra, missing or differently shaped one is refused naming the first. Returns
+    what was initialised from where, for log.jsonl's first record; the same goes to notes (the start-up print)."""
+    path, state = cfg.init_from, source["state"]
+    networks = (("student", trainer.student), ("teacher", trainer.teacher))
+    kept = ["memories or centres"] if list(trainer.method.named_children()) else []  # CARP keeps none
+    if source["kind"] == "backbone":
+        parts = [(f"{name}.backbone", network.backbone, state) for name, network in networks]
+        described, hint = "a plain ViT state dict", " (check --arch, --patch_size and --global_crops_size)"
+        fresh = ["heads", *(["mask token"] if "masked_embed" in trainer.student.backbone.state_dict() else []), *kept]
+    else:
+        method = state["config"].get("method", "sop")  # checkpoints from before --method: SOP
+        parts = [(name, network, state[name]) for name, network in networks]
+        described = f"a train.py checkpoint of --method {method}, step {state.get('step')}"
+        hint = (f" (the file is a --method {method} run: export its backbone with hubconf.py and pass that file)"
+                if method != cfg.method else "")
+        fresh = [] if cfg.init_memories else kept
+        if cfg.init_memories and not kept:
+            raise CheckpointError(f"--init_memories true: --method {cfg.method} keeps no memories or centres; "
+                                  f"valid: false")
+        for name, part in trainer.method.named_children() if cfg.init_memories else ():
+            if not isinstance(state.get(name), dict):
+                raise CheckpointError(f"--init_memories true: --init_from {path} holds no {name} ({described})"
+                                      f"{hint}; valid: false")
+            parts.append((name, part, state[name]))
+    for name, module, tensors in parts:
+        own = module.state_dict()
+        unknown = [k for k in tensors if k not in own]
+        # A network must come whole (the mask token excepted: a plain ViT has none); a memory may lack the
+        # diagnostics buffers of older checkpoints, which MemoryBank fills in as a resume does.
+        network = name.split(".")[0] in ("student", "teacher")
+        missing = [k for k in own if k not in tensors and k != "masked_embed"] if network else []
+        if unknown or missing:
+            key, where = (unknown[0], "is in the file but not in this run") if unknown else (missing[0], "is missing")
+            raise CheckpointError(f"--init_from {path}: {name}.{key} {where}{hint}")
+        for key, tensor in tensors.items():
+            if tensor.shape != own[key].shape:
+                raise CheckpointError(f"--init_from {path}: {name}.{key} has shape {tuple(tensor.shape)} in the file "
+                                      f"and {tuple(own[key].shape)} in this run{hint}")
+    try:
+        for name, module, tensors in parts:
+            module.load_state_dict(tensors, strict=source["kind"] == "checkpoint")
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"--init_from {path} does not fit this run: {str(e).strip().splitlines()[0]}")
+    loaded = [name for name, _, _ in parts]
+    notes.append(f"initialised {', '.join(loaded)} from --init_from {path} ({described}); fresh: "
+                 f"{', '.join(fresh + ['optimiser', 'schedules from step 0'])}")
+    return {"init_from": path, "file": described, "loaded": loaded, "fresh": fresh}
 
 
 SCHEDULE_KEYS = ("world_size", "global_batch", "steps_per_epoch", "train_images")  # what the schedules depend on

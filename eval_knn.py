@@ -62,7 +62,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device
         batches = (images for images, _ in data.load_batches(dataset, sampler, num_workers, device.type == "cuda"))
     was_training = backbone.training
     backbone.eval()
-    features = torch.zeros(len(starts) * batch_size, backbone.embed_dim, device=device)  # padded to whole batches
+    features = torch.zeros(n, backbone.embed_dim, device=device)  # rows of the other ranks' batches stay 0
     for s, images in zip(mine, batches):
         x = data.normalize_images(images.to(device, non_blocking=True), image_size)  # (b, 3, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -72,7 +72,7 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device
     if world > 1:
         # Ranks filled disjoint batches and left zeros elsewhere: a sum gathers them.
         dist.all_reduce(features)
-    return features[:n]
+    return features
 
 
 @torch.no_grad()
@@ -172,6 +172,33 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+MAX_IMAGE_SIZE = 4096  # px: a larger --image_size/--patch_size is a typo; one image would outgrow memory
+MIN_TEMPERATURE = 0.015  # below it exp(similarity / T), summed over 200 neighbours, overflows float32
+
+
+def check_common_flags(args) -> None:
+    """One-line SystemExit for a value of a flag of add_common_arguments (or --num_workers) that cannot work,
+    before anything is loaded."""
+    for name, ok, valid in (
+            ("patch_size", 0 < args.patch_size <= MAX_IMAGE_SIZE, f"valid: 1 to {MAX_IMAGE_SIZE}"),
+            ("image_size", args.image_size is None or 0 < args.image_size <= MAX_IMAGE_SIZE,
+             f"valid: 1 to {MAX_IMAGE_SIZE} (a multiple of the patch size)"),
+            ("synthetic_size", args.synthetic_size is None or 0 < args.synthetic_size <= 10 ** 6,
+             "valid: 1 to 1000000"),
+            ("interpolate_offset", args.interpolate_offset is None or 0 <= args.interpolate_offset < 1,
+             "valid: 0 <= offset < 1"),
+            ("num_workers", getattr(args, "num_workers", 0) >= 0, "must be >= 0")):
+        if not ok:
+            raise SystemExit(f"error: --{name} {getattr(args, name)!r}: {valid}")
+
+
+def check_image_size(image_size: int | None, backbone) -> None:
+    """A ViT embeds whole patches only: the evaluation size must be a multiple of its patch size."""
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if image_size and patch and image_size % patch:
+        raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size {patch}")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, datasets=data.DATASETS, required: bool = True) -> None:
     """The flags every evaluation script shares: what to evaluate (a checkpoint or raw pixels) and on which data."""
     source = parser.add_mutually_exclusive_group(required=required)
@@ -215,6 +242,13 @@ def setup_distributed(choice: str) -> tuple[torch.device, int]:
     return device, dist.get_rank() if dist.is_initialized() else 0
 
 
+def close_distributed() -> None:
+    """Leave the process group before the interpreter exits: a gloo group left to the exit's teardown has aborted a
+    rank that finished early on this project's CPU machine ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
 
 
@@ -234,16 +268,12 @@ def main(argv=None):
     parser.add_argument("--load_features", default=None, metavar="DIR",
                         help="read the features from DIR (written by --dump_features) instead of a checkpoint")
     args = parser.parse_args(argv)
+    check_common_flags(args)
     for name, ok, valid in (("batch_size", args.batch_size > 0, "must be > 0"),
-                            ("num_workers", args.num_workers >= 0, "must be >= 0"),
-                            ("temperature", math.isfinite(args.temperature) and args.temperature > 0,
-                             "must be a finite number > 0"),
+                            ("temperature", math.isfinite(args.temperature) and args.temperature >= MIN_TEMPERATURE,
+                             f"must be a finite number >= {MIN_TEMPERATURE} (below it the vote weights "
+                             f"exp(similarity / T) overflow float32)"),
                             ("train_fraction", 0 < args.train_fraction <= 1, "valid: 0 < fraction <= 1"),
-                            ("image_size", args.image_size is None or args.image_size > 0, "must be > 0"),
-                            ("synthetic_size", args.synthetic_size is None or 0 < args.synthetic_size <= 10 ** 6,
-                             "valid: 1 to 1000000"),
-                            ("interpolate_offset", args.interpolate_offset is None
-                             or 0 <= args.interpolate_offset < 1, "valid: 0 <= offset < 1"),
                             ("load_features", args.load_features is None or all(
                                 os.path.isfile(os.path.join(args.load_features, f)) for f in FEATURE_FILES),
                              f"must be a directory holding {', '.join(FEATURE_FILES)} (written by --dump_features)"),
@@ -253,6 +283,8 @@ def main(argv=None):
             raise SystemExit(f"error: --{name} {getattr(args, name)!r}: {valid}")
     if sum(map(bool, (args.checkpoint, args.pixels, args.load_features))) != 1:
         raise SystemExit("error: give exactly one of --checkpoint (--pretrained_weights), --pixels, --load_features")
+    if args.dump_features and not writable_folder(args.dump_features):  # now, not after the extraction
+        raise SystemExit(f"error: --dump_features {args.dump_features}: cannot be created or written here")
     device, rank = setup_distributed(args.device)
     try:
         features = (read_features(args.load_features) if args.load_features else
@@ -277,6 +309,15 @@ def main(argv=None):
     for k, (top1, top5) in result.items():
         print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
     return result
+
+
+def writable_folder(path: str) -> bool:
+    """Whether path is, or could be created as, a folder this process can write into: its nearest existing
+    ancestor must be a writable directory."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
 
 
 def read_features(folder: str) -> tuple:
@@ -317,9 +358,7 @@ def extract_both(args, device: torch.device) -> tuple:
     test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224, strict=args.strict_data)
     if backbone is None:
         backbone = Pixels(image_size or train_set[0][0].shape[-1])
-    elif image_size and image_size % backbone.patch_embed.patch_size:
-        raise SystemExit(f"error: --image_size {image_size}: must be a multiple of the patch size "
-                         f"{backbone.patch_embed.patch_size}")
+    check_image_size(image_size, backbone)
     backbone = backbone.to(device)
     extract = (lambda split: extract_features(backbone, split, args.batch_size, device, image_size, args.num_workers))
     return (extract(train_set), train_set.labels.to(device), extract(test_set), test_set.labels.to(device),
@@ -327,3 +366,4 @@ def extract_both(args, device: torch.device) -> tuple:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    close_distributed()

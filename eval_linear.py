@@ -31,10 +31,21 @@ crop + flip, features recomputed every epoch, SGD) with that grid; it is slow. F
 cut from the whole training image (as in train.py); the held-out images, and the statistics that standardise the
 features, use the evaluation transform (resize 256, centre crop 224).
 
+`--train_fraction 0.01` / `0.1` probes the fixed class-balanced subset that eval_knn.py --train_fraction votes
+with (eval_knn.low_shot_indices, the same images for every checkpoint); the held-out part is drawn from that subset
+and the refit uses the whole subset, so no label outside it is read (DINO's low-shot rows use the SimCLR 1 % / 10 %
+ImageNet split files instead).
+
+Under torchrun every process extracts a shard of the features and rank 0 alone fits, selects and prints. The
+--augment crops are sharded too: each batch draws from its own generator, seeded by (--seed, epoch, batch), so they
+do not depend on the number of processes (they do on --extract_batch_size).
+
     python eval_linear.py --checkpoint runs/cpu_demo/checkpoint.pth
+    python eval_linear.py --checkpoint runs/cpu_demo/checkpoint.pth --train_fraction 0.01     # low-shot: 1 %
     python eval_linear.py --pixels --dataset synthetic --synthetic_size 10000      # the raw-pixel baseline
     python eval_linear.py --checkpoint dino_vitbase16_pretrain.pth --arch vit_base --patch_size 16 --avgpool \\
         --n_last_blocks 1 --dataset folder --data_path /path/to/imagenet --augment --epochs 100
+    torchrun --nproc_per_node=8 eval_linear.py --pretrained_weights CKPT --arch vit_small --dataset folder ...
 """
 import argparse
 import math
@@ -42,6 +53,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import augment
 import data
@@ -69,25 +81,41 @@ def probe_features(backbone: torch.nn.Module, images: torch.Tensor, n_last_block
     return torch.cat(parts, dim=1).float()  # (b, n D [+ D])
 
 
+def probe_dim(backbone, n_last_blocks: int = 4, avgpool: bool = False) -> int:
+    """F, the width of probe_features (get_intermediate_layers returns every block when asked for more)."""
+    if not hasattr(backbone, "get_intermediate_layers"):
+        return backbone.embed_dim
+    return (min(n_last_blocks, len(backbone.blocks)) + avgpool) * backbone.embed_dim
+
+
 @torch.no_grad()
 def extract(backbone, dataset, batch_size: int, device: torch.device, image_size: int | None,
             n_last_blocks: int = 4, avgpool: bool = False, indices: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, num_workers: int = 0) -> torch.Tensor:
-    """Features (n, F) on `device` of dataset[indices] (default: all), in that order. With a generator, every
-    image is first cut by a random-resized crop (scale 0.08-1) and flipped with p 0.5 (the --augment protocol)."""
+            crop_seed: int | None = None, num_workers: int = 0) -> torch.Tensor:
+    """Features (n, F) on `device` of dataset[indices] (default: all), in that order. With a crop_seed, every
+    image is first cut by a random-resized crop (scale 0.08-1) and flipped with p 0.5 (the --augment protocol),
+    batch j drawing from its own generator seeded by (crop_seed, j).
+
+    Under torchrun each rank embeds every world_size-th batch and the features are all-gathered, as
+    eval_knn.extract_features does; batch j's crops do not depend on which rank draws them, so every world size
+    gives the same features."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = torch.arange(len(dataset)) if indices is None else indices.cpu()
     chunks = indices.split(batch_size)
+    starts = [j * batch_size for j in range(len(chunks))]
+    mine = list(range(rank, len(chunks), world))
     if isinstance(dataset, data.ImageDataset):
-        batches = ((dataset.images[idx], None) for idx in chunks)
+        batches = ((dataset.images[chunks[j]], None) for j in mine)
     else:  # folder items: (image, label) under the evaluation transform, (canvas, valid size, label, index) else
-        loader = data.load_batches(dataset, [c.tolist() for c in chunks], num_workers, device.type == "cuda")
+        loader = data.load_batches(dataset, [chunks[j].tolist() for j in mine], num_workers, device.type == "cuda")
         batches = ((items[0], items[1] if len(items) == 4 else None) for items in loader)
     was_training = backbone.training
     backbone.eval()
-    features = []
-    for images, sizes in batches:
+    features = torch.zeros(len(indices), probe_dim(backbone, n_last_blocks, avgpool), device=device)
+    for j, (images, sizes) in zip(mine, batches):
         images = images.to(device, non_blocking=True)
-        if generator is not None:
+        if crop_seed is not None:
+            generator = torch.Generator().manual_seed(data.seed_for(crop_seed, j))
             b, _, H, W = images.shape
             if sizes is None:
                 boxes = augment.sample_crop_boxes(b, H, W, (0.08, 1.0), generator).to(device)
@@ -103,9 +131,11 @@ def extract(backbone, dataset, batch_size: int, device: torch.device, image_size
         else:
             x = data.normalize_images(images, image_size)  # (b, 3, S, S)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features.append(probe_features(backbone, x, n_last_blocks, avgpool))
+            features[starts[j]:starts[j] + len(x)] = probe_features(backbone, x, n_last_blocks, avgpool)
     backbone.train(was_training)
-    return torch.cat(features)
+    if world > 1:
+        dist.all_reduce(features)  # disjoint batches, zeros elsewhere: the sum gathers them exactly
+    return features
 
 
 def split_train(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,78 +332,92 @@ def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
 def linear_evaluate(backbone, train_set, test_set, device, *, n_last_blocks=4, avgpool=False, image_size=None,
                     solver=None, l2_strengths=L2_STRENGTHS, tol=TOL, max_iter=MAX_ITER, probe_dtype=torch.float64,
                     lrs=LRS, weight_decays=WEIGHT_DECAYS, steps=STEPS, batch_size=BATCH_SIZE, val_fraction=0.1,
-                    seed=0, augment_epochs=0, extract_batch_size=256, num_workers=0, augment_set=None) -> dict:
+                    seed=0, augment_epochs=0, extract_batch_size=256, num_workers=0, augment_set=None,
+                    train_indices=None) -> dict | None:
     """Held-out-selected linear probe. solver: "lbfgs" (default without augment_epochs) or "sgd" (the default, and
     the only choice, with augment_epochs > 0). Test labels are read only after the selection. augment_set: the
     training split as augment_epochs crops it (folder datasets: whole images on canvases; default train_set).
+    train_indices: the training images to use (default all; eval_knn.low_shot_indices for --train_fraction): the
+    held-out part is drawn from them, and the refit uses them all.
+
+    Under torchrun every rank extracts a shard of the features (extract) and rank 0 alone fits, selects and
+    returns; the other ranks return None.
 
     lbfgs returns dict(solver, top1 (test top-1 % of the refit classifier), l2 (selected strength), selected,
     l2_strengths (S,) strongest first, val_top1 (S,), path (per strength: objective, grad_max, iterations,
     converged, stop), refit (the same for the refit on the whole training split), solve_seconds, n_fit, n_train).
     sgd returns dict(solver, top1 (of the selected grid point), best_test_top1 (best over the grid, DINO/iBOT-style),
-    val_top1 (G,), test_top1 (G,), lrs, weight_decays, selected (grid index))."""
+    val_top1 (G,), test_top1 (G,), lrs, weight_decays, selected (grid index), n_fit, n_train)."""
     solver = solver or ("sgd" if augment_epochs else "lbfgs")
     if solver not in ("lbfgs", "sgd") or (solver == "lbfgs" and augment_epochs):
         raise ValueError(f"solver {solver!r}: 'lbfgs' (fixed features) or 'sgd' (also the --augment protocol)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
     num_classes = max(train_set.num_classes, test_set.num_classes)
-    fit, held_out = split_train(len(train_set), val_fraction, seed)
+    train_indices = torch.arange(len(train_set)) if train_indices is None else train_indices.cpu()
+    fit, held_out = (train_indices[part] for part in split_train(len(train_indices), val_fraction, seed))
     train_labels = train_set.labels.to(device)
     fit_labels, val_labels = train_labels[fit.to(device)], train_labels[held_out.to(device)]
+    sizes = dict(n_fit=len(fit), n_train=len(train_indices))
     extract_args = dict(batch_size=extract_batch_size, device=device, image_size=image_size,
                         n_last_blocks=n_last_blocks, avgpool=avgpool, num_workers=num_workers)
     val_features = extract(backbone, train_set, indices=held_out, **extract_args)
     fit_features = extract(backbone, train_set, indices=fit, **extract_args)  # un-augmented: the statistics
     mean, std = fit_features.mean(0), fit_features.std(0)
     val_features = standardise(val_features, mean, std)
+    grid = None
+    if solver == "sgd" and augment_epochs:
+        del fit_features
+        grid = train_augmented_grid(backbone, train_set if augment_set is None else augment_set, fit, fit_labels,
+                                    mean, std, num_classes, lrs, weight_decays, batch_size, seed, augment_epochs,
+                                    extract_args)
+    test_features = standardise(extract(backbone, test_set, **extract_args), mean, std)  # the last extraction
+    if rank != 0:
+        return None
     if solver == "sgd":
-        if augment_epochs == 0:
+        if grid is None:
             grid = train_grid(standardise(fit_features, mean, std), fit_labels, num_classes, lrs, weight_decays,
                               steps, batch_size, seed)
-        else:
-            del fit_features
-            grid = train_augmented_grid(backbone, train_set if augment_set is None else augment_set, fit,
-                                        fit_labels, mean, std, num_classes, lrs, weight_decays, batch_size, seed,
-                                        augment_epochs, extract_args)
         val_top1 = grid.top1(val_features, val_labels)
         selected = int(val_top1.argmax())  # first of equal maxima: the smallest lr, then the smallest weight decay
-        test_features = standardise(extract(backbone, test_set, **extract_args), mean, std)
         test_top1 = grid.top1(test_features, test_set.labels.to(device))
         return dict(solver="sgd", top1=float(test_top1[selected]), best_test_top1=float(test_top1.max()),
                     val_top1=val_top1.cpu(), test_top1=test_top1.cpu(), lrs=grid.lr.cpu(),
-                    weight_decays=grid.weight_decay.cpu(), selected=selected)
+                    weight_decays=grid.weight_decay.cpu(), selected=selected, **sizes)
     fit_x, val_x = standardise(fit_features, mean, std).to(probe_dtype), val_features.to(probe_dtype)
     del fit_features
     start = time.perf_counter()
     result = l2_path(fit_x, fit_labels, val_x, val_labels, num_classes, l2_strengths, tol, max_iter)
     l2 = float(result["l2_strengths"][result["selected"]])
-    # refit at the selected strength on the whole training split, from the fit-part solution
+    # refit at the selected strength on the whole training split (or low-shot subset), from the fit-part solution
     train_x = torch.cat((fit_x, val_x))
     del fit_x, val_x
     weight, bias, refit = fit_logistic(train_x, torch.cat((fit_labels, val_labels)), num_classes, l2,
                                        result.pop("weight"), result.pop("bias"), tol, max_iter)
     solve_seconds = time.perf_counter() - start
     del train_x
-    test_x = standardise(extract(backbone, test_set, **extract_args), mean, std).to(probe_dtype)
-    top1 = classifier_top1(test_x, test_set.labels.to(device), weight, bias)
-    return dict(solver="lbfgs", top1=top1, l2=l2, refit=refit, solve_seconds=solve_seconds, n_fit=len(fit),
-                n_train=len(train_set), **result)
+    top1 = classifier_top1(test_features.to(probe_dtype), test_set.labels.to(device), weight, bias)
+    return dict(solver="lbfgs", top1=top1, l2=l2, refit=refit, solve_seconds=solve_seconds, **sizes, **result)
 
 
 def train_augmented_grid(backbone, dataset, fit, fit_labels, mean, std, num_classes, lrs, weight_decays,
-                         batch_size, seed, augment_epochs, extract_args) -> LinearGrid:
+                         batch_size, seed, augment_epochs, extract_args) -> LinearGrid | None:
     """The official protocol: each epoch embeds a fresh random-resized, flipped crop of every fit image of dataset
-    and trains the SGD grid on it. Standardisation statistics (mean, std) come from the un-augmented fit images."""
+    and trains the SGD grid on it. Standardisation statistics (mean, std) come from the un-augmented fit images.
+    Under torchrun every rank embeds its share of the crops and rank 0 alone trains (the others return None)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
     device = fit_labels.device
     pairs = [(lr * min(batch_size, len(fit)) / 256, wd) for lr in lrs for wd in weight_decays]
     grid = LinearGrid(len(mean), num_classes, [p[0] for p in pairs], [p[1] for p in pairs], device, seed)
-    per_epoch, generator = max(1, len(fit) // batch_size), torch.Generator().manual_seed(seed)
+    per_epoch = max(1, len(fit) // batch_size)
     for epoch in range(augment_epochs):
-        crops = extract(backbone, dataset, indices=fit, generator=generator, **extract_args)
+        crops = extract(backbone, dataset, indices=fit, crop_seed=data.seed_for(seed, epoch), **extract_args)
+        if rank != 0:
+            continue
         features = standardise(crops, mean, std)
         order = batch_order(len(fit), batch_size, per_epoch, seed + 1 + epoch).to(device)
         for i, idx in enumerate(order):
             grid.step(features[idx], fit_labels[idx], cosine_factor(epoch * per_epoch + i, augment_epochs * per_epoch))
-    return grid
+    return grid if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------------------------------- command
@@ -400,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=None, help=f"sgd: classifier batch ({BATCH_SIZE})")
     parser.add_argument("--extract_batch_size", type=int, default=256, help="backbone batch")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out part of the train split")
+    parser.add_argument("--train_fraction", type=float, default=1.0,
+                        help="low-shot: probe a fixed class-balanced fraction of the training images (0.01, 0.1), "
+                             "the subset of eval_knn.py --train_fraction")
     parser.add_argument("--augment", action="store_true", help="official protocol: crops + flips, SGD, slow")
     parser.add_argument("--epochs", type=int, default=100, help="--augment only: epochs of recomputed features")
     parser.add_argument("--seed", type=int, default=0)
@@ -413,8 +460,13 @@ def check_flags(args) -> None:
     for flag in ("steps", "batch_size", "extract_batch_size", "n_last_blocks", "epochs", "max_iter"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise SystemExit(f"error: --{flag} {getattr(args, flag)}: must be a positive integer")
+    eval_knn.check_common_flags(args)
     if not 0 < args.val_fraction < 1:
         raise SystemExit(f"error: --val_fraction {args.val_fraction}: must be in (0, 1)")
+    if not 0 < args.train_fraction <= 1:
+        raise SystemExit(f"error: --train_fraction {args.train_fraction}: valid: 0 < fraction <= 1")
+    if not 0 <= args.seed < 2 ** 63:
+        raise SystemExit(f"error: --seed {args.seed}: valid: 0 to 2^63 - 1")
     if args.lrs is not None and any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
         raise SystemExit(f"error: --lrs {args.lrs}: every lr must be positive and finite")
     if args.weight_decays is not None and any(not (wd >= 0 and math.isfinite(wd)) for wd in args.weight_decays):
@@ -447,7 +499,7 @@ def check_flags(args) -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args)
-    device = eval_knn.pick_device(args.device)  # before any loading: a missing GPU is a flag error
+    device, rank = eval_knn.setup_distributed(args.device)  # before any loading: a missing GPU is a flag error
     if args.pixels:
         backbone, image_size, config = None, args.image_size, None
     else:
@@ -473,10 +525,13 @@ def main(argv=None):
         test_set = data.load_dataset(dataset, data_path, "test", image_size=image_size or 224)
     except data.DatasetError as e:
         raise SystemExit(f"error: {e}")
-    if round(len(train_set) * args.val_fraction) >= len(train_set):
-        raise SystemExit(f"error: --val_fraction {args.val_fraction} leaves no training image")
+    train_indices = training_subset(train_set.labels, args.train_fraction, args.val_fraction, args.seed)
     if backbone is None:
         backbone = eval_knn.Pixels(image_size or train_set[0][0].shape[-1])
+    eval_knn.check_image_size(image_size, backbone)
+    if rank == 0 and args.train_fraction < 1:
+        print(f"low-shot: {len(train_indices)} training images ({args.train_fraction:g} of each class; "
+              f"the held-out part is drawn from them)")
     result = linear_evaluate(backbone.to(device), train_set, test_set, device, n_last_blocks=args.n_last_blocks or 1,
                              avgpool=args.avgpool, image_size=image_size, solver=args.solver, l2_strengths=args.l2,
                              tol=args.tol, max_iter=args.max_iter, probe_dtype=getattr(torch, args.probe_dtype),
@@ -484,10 +539,30 @@ def main(argv=None):
                              batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
                              augment_epochs=args.epochs if args.augment else 0,
                              extract_batch_size=args.extract_batch_size, num_workers=args.num_workers,
-                             augment_set=augment_set)
+                             augment_set=augment_set, train_indices=train_indices)
+    if rank != 0:
+        return None
     (print_lbfgs if result["solver"] == "lbfgs" else print_sgd)(result)
     print(f"linear top-1 {result['top1']:.2f} %")
     return result
+
+
+def training_subset(labels: torch.Tensor, train_fraction: float, val_fraction: float, seed: int) -> torch.Tensor:
+    """Indices of the training images the probe uses: all of them, or, below 1, eval_knn.low_shot_indices (the
+    same fixed class-balanced subset as eval_knn.py --train_fraction). SystemExit when the held-out part drawn
+    from them (split_train) would leave a class, or the whole fit part, without an image."""
+    indices = torch.arange(len(labels)) if train_fraction == 1 else eval_knn.low_shot_indices(labels, train_fraction)
+    fit, held_out = split_train(len(indices), val_fraction, seed)
+    missing = sorted(set(labels[indices].tolist()) - set(labels[indices[fit]].tolist()))
+    if not missing:
+        return indices
+    what = "no image to fit" if len(fit) == 0 else f"class {missing[0]} with no image to fit"
+    if train_fraction < 1:
+        raise SystemExit(f"error: --train_fraction {train_fraction:g}: its {len(indices)} training images leave "
+                         f"{what} once --val_fraction {val_fraction:g} holds out {len(held_out)} of them; "
+                         f"valid: a larger fraction")
+    raise SystemExit(f"error: --val_fraction {val_fraction:g}: holding out {len(held_out)} of the {len(indices)} "
+                     f"training images leaves {what}; valid: a smaller fraction")
 
 
 def print_lbfgs(result: dict) -> None:
@@ -502,8 +577,9 @@ def print_lbfgs(result: dict) -> None:
         print(f"note: the selected strength is the {'strongest' if result['selected'] == 0 else 'weakest'} of the "
               f"grid: the best may lie beyond it (extend --l2)")
     refit = result["refit"]
-    print(f"refit on the whole training split ({result['n_train']} images) at L2 {result['l2']:.3g}: objective "
-          f"{refit['objective']:.8f}, max|grad| {refit['grad_max']:.2e} after {refit['iterations']} iterations"
+    print(f"refit on every training image used (fit + held-out: {result['n_train']} images) at L2 "
+          f"{result['l2']:.3g}: objective {refit['objective']:.8f}, max|grad| {refit['grad_max']:.2e} after "
+          f"{refit['iterations']} iterations"
           f"{'' if refit['converged'] else ' (not converged: ' + refit['stop'] + ')'}")
     print(f"solve time {result['solve_seconds']:.1f} s ({len(result['path'])} strengths and the refit)")
 
@@ -518,3 +594,4 @@ def print_sgd(result: dict) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    eval_knn.close_distributed()

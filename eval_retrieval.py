@@ -20,6 +20,10 @@ recall steps, the convention of the revisitop evaluation code.
     python eval_retrieval.py --pixels --dataset synthetic --synthetic_size 10000       # the raw-pixel baseline
     python eval_retrieval.py --checkpoint dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \\
         --dataset roxford5k --data_path /path/to/roxford5k --imsize 224 --multiscale
+    torchrun --nproc_per_node=8 eval_retrieval.py --pretrained_weights CKPT --arch vit_small --dataset rparis6k ...
+
+Under torchrun every process embeds a shard of the images (eval_knn.extract_features for the class level) and
+rank 0 alone ranks and prints.
 """
 import argparse
 import math
@@ -29,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
 import eval_knn
-from model import ARCHS
 
 RECALL_KS = (1, 5, 10)
 OXFORD_PARIS = {"roxford5k": "gnd_roxford5k.pkl", "rparis6k": "gnd_rparis6k.pkl"}
@@ -111,6 +115,9 @@ def read_ground_truth(path: Path) -> dict:
     if not isinstance(gt, dict) or not all(k in gt for k in ("imlist", "qimlist", "gnd")):
         raise ValueError(f"{path} must hold a dict with 'imlist', 'qimlist' and 'gnd'")
     imlist, qimlist, gnd = list(gt["imlist"]), list(gt["qimlist"]), list(gt["gnd"])
+    if not imlist or not qimlist:
+        raise ValueError(f"{path}: 'imlist' and 'qimlist' must name at least one image each "
+                         f"(got {len(imlist)} and {len(qimlist)})")
     if len(gnd) != len(qimlist) or not all(isinstance(name, str) for name in imlist + qimlist):
         raise ValueError(f"{path}: 'gnd' needs one entry per query name of 'qimlist' ({len(qimlist)}), "
                          f"got {len(gnd)}")
@@ -190,19 +197,44 @@ def _embed_image(backbone, images: torch.Tensor, device, scales) -> torch.Tensor
     return F.normalize(feature / len(scales), dim=0)
 
 
+def embed_images(backbone, paths: list[Path], boxes: list, device, imsize: int, scales) -> torch.Tensor:
+    """Unit-norm features (n, D) of the images at paths (each cropped to its box, or whole for None). Under
+    torchrun each rank embeds every world_size-th image and the features are all-gathered."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", 1)
+    features = torch.zeros(len(paths), backbone.embed_dim, device=device)  # rows of the other ranks stay 0
+    for i in range(rank, len(paths), world):
+        image = _load_image(paths[i], boxes[i], imsize)  # (1, 3, h, w)
+        if int(min(image.shape[-2:]) * min(scales)) < patch:  # a ViT embeds whole patches only
+            raise ValueError(f"image {paths[i]} is {image.shape[-1]} x {image.shape[-2]} px at --imsize {imsize}: "
+                             f"its shorter side at scale {min(scales):.2g} is below the patch size {patch}; "
+                             f"use a larger --imsize")
+        features[i] = _embed_image(backbone, image, device, scales)
+    if world > 1:
+        dist.all_reduce(features)  # disjoint rows: the sum gathers them exactly
+    return features
+
+
 def oxford_paris_evaluate(backbone, root: str | Path, name: str, device, imsize: int = 224,
-                          multiscale: bool = False) -> dict[str, float]:
-    """mAP % (medium, hard) of the revisited Oxford / Paris benchmark in root (gnd pickle + jpg/<name>.jpg)."""
+                          multiscale: bool = False) -> dict[str, float] | None:
+    """mAP % (medium, hard) of the revisited Oxford / Paris benchmark in root (gnd pickle + jpg/<name>.jpg).
+    Under torchrun the images are embedded in shards; rank 0 alone ranks and returns (the others: None)."""
     root = Path(root)
     gt = read_ground_truth(root / OXFORD_PARIS[name])
+    absent = [n for n in dict.fromkeys(gt["imlist"] + gt["qimlist"]) if not (root / "jpg" / f"{n}.jpg").is_file()]
+    if absent:  # found now, before any compute (and before one rank stops while the others wait for it)
+        raise ValueError(f"{root / 'jpg'} lacks {len(absent)} of the images {OXFORD_PARIS[name]} names, "
+                         f"e.g. {absent[0]}.jpg")
     scales = MULTISCALE if multiscale else (1.0,)
     was_training = backbone.training
     backbone.eval()
-    db = torch.stack([_embed_image(backbone, _load_image(root / "jpg" / f"{n}.jpg", None, imsize), device, scales)
-                      for n in gt["imlist"]])  # (n, D)
-    queries = torch.stack([_embed_image(backbone, _load_image(root / "jpg" / f"{n}.jpg", q["bbx"], imsize), device,
-                                        scales) for n, q in zip(gt["qimlist"], gt["gnd"])])  # (Q, D)
+    db = embed_images(backbone, [root / "jpg" / f"{n}.jpg" for n in gt["imlist"]], [None] * len(gt["imlist"]),
+                      device, imsize, scales)  # (n, D)
+    queries = embed_images(backbone, [root / "jpg" / f"{n}.jpg" for n in gt["qimlist"]],
+                           [q["bbx"] for q in gt["gnd"]], device, imsize, scales)  # (Q, D)
     backbone.train(was_training)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
     ranking = (queries @ db.T).sort(dim=1, descending=True, stable=True).indices  # (Q, n)
     return {"medium": revisited_map(ranking, gt["gnd"], "medium"), "hard": revisited_map(ranking, gt["gnd"], "hard")}
 
@@ -230,10 +262,13 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
 
-    for flag in ("batch_size", "chunk_size", "imsize"):
+    eval_knn.check_common_flags(args)
+    for flag in ("batch_size", "chunk_size"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"error: --{flag} {getattr(args, flag)}: must be a positive integer")
-    device = eval_knn.pick_device(args.device)  # before any loading: a missing GPU is a flag error
+    if not 0 < args.imsize <= eval_knn.MAX_IMAGE_SIZE:
+        raise SystemExit(f"error: --imsize {args.imsize}: valid: 1 to {eval_knn.MAX_IMAGE_SIZE}")
+    device, rank = eval_knn.setup_distributed(args.device)  # before any loading: a missing GPU is a flag error
     config = None
     if not args.pixels:
         backbone, image_size, config = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size,
@@ -255,6 +290,8 @@ def main(argv=None):
                                            args.multiscale)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        if rank != 0:
+            return None
         print(f"{dataset} mAP: medium {result['medium']:.2f} %, hard {result['hard']:.2f} %")
         return result
 
@@ -269,9 +306,12 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.pixels:
         backbone = eval_knn.Pixels(image_size or train_set[0][0].shape[-1])
+    eval_knn.check_image_size(image_size, backbone)
     backbone = backbone.to(device)
     db = eval_knn.extract_features(backbone, train_set, args.batch_size, device, image_size, args.num_workers)
     queries = eval_knn.extract_features(backbone, test_set, args.batch_size, device, image_size, args.num_workers)
+    if rank != 0:
+        return None
     result = class_retrieval(queries, test_set.labels, db, train_set.labels, chunk_size=args.chunk_size)
     print(f"{result['queries']} test queries against {len(db)} training images: "
           + ", ".join(f"recall@{k} {result[f'recall@{k}']:.2f} %" for k in RECALL_KS if f"recall@{k}" in result)
@@ -282,3 +322,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    eval_knn.close_distributed()

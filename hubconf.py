@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from eval_knn import load_backbone
+from eval_knn import MAX_IMAGE_SIZE, load_backbone
 from model import ARCHS, VisionTransformer, build_backbone
 
 dependencies = ["torch"]
@@ -64,6 +64,10 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise SystemExit(f"error: --out {args.out}: its directory does not exist")
+    if os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out}: is a directory; valid: a file name")
+    if not 0 < args.patch_size <= MAX_IMAGE_SIZE:
+        raise SystemExit(f"error: --patch_size {args.patch_size}: valid: 1 to {MAX_IMAGE_SIZE}")
     state = export_backbone(args.checkpoint, args.out, args.checkpoint_key, args.arch, args.patch_size)
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.2f} M parameters")
     return args.out

@@ -8,6 +8,7 @@ one-line ConfigError that names the flag, the value and what would be valid (REA
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -78,6 +79,13 @@ def _parse_bool(text: str) -> bool:
 
 
 MAX_EPOCHS, MAX_SYNTHETIC_SIZE, MAX_STEPS = 100_000, 2_000_000, 10 ** 8  # beyond these, schedules or data won't fit
+# Caps far above any published setting (ViT-22B: width 6144, depth 48; DINO: 65536 prototypes, 10 local crops; a
+# memory of all 1.28 M ImageNet images): a larger value is a typo that would fail allocating the networks, memories
+# or crops with a traceback, or build for hours. The seed: torch.manual_seed takes 64 bits, data.seed_for mixes 63.
+MAX_VALUES = {"global_crops_size": 4096, "local_crops_size": 4096, "local_crops_number": 64, "embed_dim": 8192,
+              "depth": 128, "head_hidden_dim": 65536, "bottleneck_dim": 65536, "class_memory_size": 2 ** 24,
+              "patch_memory_size": 2 ** 24, "class_draws": 64, "num_prototypes": 2 ** 20, "num_workers": 256,
+              "seed": 2 ** 63 - 1}
 
 
 def _needs(cfg):
@@ -110,6 +118,8 @@ def validate(cfg, world_size: int) -> None:
         need(getattr(cfg, name) >= 0, name, "must be >= 0" + (" (0 = the arch's)" if name in
                                                                 ("embed_dim", "depth", "num_heads") else ""))
     need(cfg.epochs <= MAX_EPOCHS, "epochs", f"valid: 1 to {MAX_EPOCHS}")
+    for name, most in MAX_VALUES.items():
+        need(getattr(cfg, name) <= most, name, f"valid: at most {most}")
     need(cfg.synthetic_size <= MAX_SYNTHETIC_SIZE, "synthetic_size", f"valid: 1 to {MAX_SYNTHETIC_SIZE} images")
     need(cfg.method in methods.FIELDS, "method", f"valid: {', '.join(methods.FIELDS)}")
     need(cfg.dataset in data.DATASETS, "dataset", f"valid: {', '.join(data.DATASETS)}")
@@ -162,6 +172,8 @@ def _validate_method(cfg, world_size: int) -> None:
         need(getattr(cfg, anchors) + getattr(cfg, neighbors) <= size, anchors,
              f"anchors + neighbours must not exceed --{memory} {size}")
     need(0 <= cfg.smoothing < 1, "smoothing", "valid: 0 <= smoothing < 1")
+    for name in ("cls_loss_weight", "patch_loss_weight"):  # the paper's λ1, λ2: a negative one ascends its loss
+        need(getattr(cfg, name) >= 0, name, "must be >= 0 (0 = that loss off)")
 
 
 def _validate_system(cfg) -> None:
@@ -171,12 +183,18 @@ def _validate_system(cfg) -> None:
     need(0 <= cfg.momentum_teacher <= 1, "momentum_teacher", "valid: 0 <= momentum <= 1")
     need(0 <= cfg.interpolate_offset < 1, "interpolate_offset", "valid: 0 (exact) to < 1; DINO/iBOT use 0.1")
     need(cfg.resume_changes in ("refuse", "ok"), "resume_changes", "valid: refuse, ok")
+    need(not cfg.init_from or os.path.isfile(cfg.init_from), "init_from",
+         f"{'a directory' if os.path.isdir(cfg.init_from) else 'no such file'}; valid: a train.py checkpoint or a "
+         f"ViT state dict file")
+    need(cfg.init_from or not cfg.init_memories, "init_memories", "needs --init_from (a train.py checkpoint)")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "valid: auto, cpu, cuda")
     need(cfg.device != "cuda" or torch.cuda.is_available(), "device", "no CUDA device is available; valid: auto, cpu")
     need(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "valid: auto, bf16, fp16, fp32")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     need(cfg.precision != "fp16" or cuda, "precision", "fp16 needs a CUDA device; valid on CPU: auto, bf16, fp32")
     need(_writable_dir(cfg.output_dir), "output_dir", "cannot be created or written to (check its permissions)")
+    need(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None, "tensorboard",
+         "needs the tensorboard package (pip install tensorboard); valid without it: false")
     try:
         data.check_dataset(cfg.dataset, cfg.data_path)
     except data.DatasetError as e:
@@ -246,10 +264,12 @@ def environment(device: torch.device, world: int) -> dict:
 
 
 class RunLog:
-    """output_dir/log.jsonl, written by rank 0: the config and environment first (a fresh run), then one record per
-    epoch, each with the unreadable images the data workers listed since the previous record."""
+    """output_dir/log.jsonl, written by rank 0: the config and environment first (a fresh run), then the records
+    (per epoch, and per log_every steps with "kind": "step"), each with the unreadable images the data workers
+    listed since the previous record. tensorboard: the records' numbers also go to TensorBoard event files in
+    output_dir/tensorboard, as step/<key> and epoch/<key> against the training step."""
 
-    def __init__(self, output_dir: str, main_process: bool, header: dict | None):
+    def __init__(self, output_dir: str, main_process: bool, header: dict | None, tensorboard: bool = False):
         self.path, self.main_process = os.path.join(output_dir, "log.jsonl"), main_process
         self.checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
         self.bad_images_file = os.path.join(output_dir, "bad_images.txt")
@@ -257,6 +277,10 @@ class RunLog:
         if header is not None and main_process:
             with open(self.path, "w") as f:
                 f.write(json.dumps(header) + "\n")
+        self.events = None
+        if tensorboard and main_process:  # imported only when asked for (validate checked it is installed)
+            from torch.utils.tensorboard import SummaryWriter
+            self.events = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, record: dict, show: bool = False) -> None:
         new = [p for p in data.read_bad_images(self.bad_images_file) if p not in self.reported]
@@ -269,5 +293,11 @@ class RunLog:
                   + (" ..." if len(new) > 3 else ""))
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            kind = record.get("kind", "epoch")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                    self.events.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
+            self.events.flush()
         if show:
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

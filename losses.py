@@ -6,6 +6,8 @@ Numerics). Inputs are view-major, as model.MultiCropWrapper returns them. Shapes
 """
 import torch
 
+from model import PatchTokens
+
 LOG_EPS = 1e-12  # p is a convex mix of smoothed votes and never 0 in exact arithmetic; guard fp32 underflow only
 
 
@@ -42,24 +44,24 @@ def cross_view_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor
     return ce.sum() / (B * ce.shape[-1] * (G * V - G))  # paper Eq. (L_SOP): mean over pairs and images
 
 
-def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def sop_mim_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, tokens: PatchTokens) -> torch.Tensor:
     """SOP-MIM loss: the masked student crop predicts the unmasked teacher crop of the SAME view (the pairing of
-    bytedance/ibot main_ibot.py iBOTLoss).
+    bytedance/ibot main_ibot.py iBOTLoss), at the masked patch tokens.
 
-    student_probs, teacher_probs (G B, P, M) for the G global views; masks (G B, P) bool, True = masked.
-    Per image: cross-entropy summed over its masked patches over their count (images without a mask give 0 and
-    still count); then the mean over images and views.
+    student_probs, teacher_probs (T, M) at the T tokens of `tokens` (model.PatchTokens: the masked ones and padding).
+    Per crop: cross-entropy summed over its masked patches over their count (crops without a mask give 0 and still
+    count); then the mean over the 2B global crops.
     """
-    return masked_patch_loss(student_probs.float().clamp_min(LOG_EPS).log(), teacher_probs, masks)
+    return masked_patch_loss(student_probs.float().clamp_min(LOG_EPS).log(), teacher_probs, tokens)
 
 
 def masked_patch_loss(student_log_probs: torch.Tensor, teacher_probs: torch.Tensor,
-                      masks: torch.Tensor) -> torch.Tensor:
-    """Per image, H(q, p) summed over its masked patches over their count; mean over the G B images (SOP, iBOT).
+                      tokens: PatchTokens) -> torch.Tensor:
+    """Per global crop, H(q, p) summed over its masked patches over their count; mean over the 2B crops (SOP, iBOT).
 
-    student_log_probs, teacher_probs (G B, P, M); masks (G B, P) bool, True = masked.
+    student_log_probs, teacher_probs (T, M) at the tokens' T positions; padding tokens (valid False) count nothing.
     """
-    ce = -(teacher_probs.detach().float() * student_log_probs.float()).sum(-1)  # (G B, P)
-    m = masks.float()
-    per_image = (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)  # (G B,), paper Eq. (L_MIM)
-    return per_image.mean()
+    ce = -(teacher_probs.detach().float() * student_log_probs.float()).sum(-1)  # (T,)
+    ce = torch.where(tokens.valid, ce, 0.0)
+    per_crop = ce.new_zeros(tokens.masks.shape[0]).index_add_(0, tokens.crop, ce)  # (2B,) sums over masked patches
+    return (per_crop / tokens.masks.sum(-1).clamp_min(1)).mean()  # paper Eq. (L_MIM)

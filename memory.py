@@ -35,6 +35,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("memory", F.normalize(torch.randn(size, dim), dim=1))  # (Q, d)
         self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))  # (Q,) dataset index of each row
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # For the diagnostics only: enqueues so far, and by which one (1, 2, ...) each row was written (0: never)
+        self.register_buffer("enqueues", torch.zeros((), dtype=torch.long))
+        self.register_buffer("written_at", torch.zeros(size, dtype=torch.long))  # (Q,)
 
     @torch.no_grad()
     def enqueue(self, x: torch.Tensor, index: torch.Tensor | None = None, gathered: bool = False) -> None:
@@ -52,10 +55,30 @@ class MemoryBank(nn.Module):
         self.memory.index_copy_(0, rows, x)
         self.index.index_copy_(0, rows, index)
         self.ptr.copy_((self.ptr + n) % Q)
+        self.enqueues += 1
+        self.written_at.index_fill_(0, rows, self.enqueues)
+
+    def age(self, rows: torch.Tensor) -> torch.Tensor:
+        """Steps since each of rows (any shape) was written: 1 for the last enqueue, enqueues + 1 for rows still
+        holding their random start."""
+        return self.enqueues + 1 - self.written_at[rows]
+
+    @torch.no_grad()
+    def support_stats(self, sops: "SOPs") -> dict[str, torch.Tensor]:
+        """How alike and how fresh a draw's SEs are (README, "Reading the diagnostics"): mean neighbour vote (its
+        cosine to the anchor, clamped at 0; 0 without neighbours), distinct memory rows among the S SEs, mean
+        age of the SEs in steps."""
+        used = torch.zeros(self.memory.shape[0], dtype=torch.bool, device=self.memory.device)
+        used.index_fill_(0, sops.rows.flatten(), True)  # no host sync, unlike unique()
+        neighbor_votes = sops.weights[:, 1:]  # (M, k)
+        return dict(se_cosine=neighbor_votes.mean() if neighbor_votes.numel() else sops.weights.new_zeros(()),
+                    se_distinct_rows=used.sum().float(), se_age=self.age(sops.rows).float().mean())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the index buffer existed still resume: their rows' sources are unknown (-1).
         state_dict.setdefault(prefix + "index", torch.full_like(self.index, -1))
+        state_dict.setdefault(prefix + "enqueues", torch.zeros_like(self.enqueues))  # ages count from the resume
+        state_dict.setdefault(prefix + "written_at", torch.zeros_like(self.written_at))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

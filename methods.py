@@ -15,9 +15,13 @@ after the optimizer step with `update(...)`:
     CARP   learnable prototypes split into random blocks, consistency + uniformity (sthalles/carp
            modules/carp_loss.py)
 
-`loss(student, teacher, masks, teacher_temp, generator)` gets the networks' outputs (model.NetworkOutput: `.cls`,
-`.patch`, and for methods with a prototype layer `.cls_logits`, `.patch_logits`) and returns
-(loss, loss_cls, loss_patch, teacher_entropy (2,)); `generator` is seeded from (seed, step) and identical on every rank.
+`loss(student, teacher, tokens, teacher_temp, generator)` gets the networks' outputs (model.NetworkOutput: `.cls`,
+`.patch`, and for methods with a prototype layer `.cls_logits`, `.patch_logits`) and returns (loss, stats): stats
+holds the method's STATS as 0-d device tensors (the loss terms and the collapse monitors of README, "Reading the
+diagnostics"), read by the loop at its log cadence only. `tokens` (model.PatchTokens, None without a masked-patch
+loss) says which patch tokens the student's head embedded: its masked ones; `teacher_patch_index(tokens,
+generator)` says which the teacher's head must embed. `generator` is seeded from (seed, step) and identical on
+every rank.
 README, "How SOP and the baselines differ", lists what each official implementation does differently.
 Shapes follow the legend in model.py; K = learnable prototypes or memory rows split into blocks, NB = block size.
 """
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from losses import cross_view_loss, masked_patch_loss, sop_loss, sop_mim_loss
 from memory import MemoryBank, all_gather_rows
-from model import MultiCropWrapper, NetworkOutput
+from model import MultiCropWrapper, NetworkOutput, PatchTokens
 
 # Config fields that only some methods read; every other field is shared. A flag given on the command line for a
 # method that ignores it is an error (train.parse_config).
@@ -75,21 +79,50 @@ def build_method(cfg) -> nn.Module:
     return METHODS[cfg.method](cfg)
 
 
-def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
-    """(entropy of the batch-mean teacher distribution, mean entropy of the images' distributions), (2,), of rows
-    (n, ..., M), averaged over blocks if any: DINO's pair of collapse monitors, the same for every method. One-hot
-    collapse (every image to one target) drives the first to 0; uniform collapse (every target flat) drives the
-    second up to the first, near log M; a healthy teacher keeps the first high and the second well below it."""
-    p = teacher_probs.float()
-    mean_probs = p.mean(0)  # (..., M)
-    of_mean = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum(-1).mean()
-    per_image = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    return torch.stack((of_mean, per_image))
+# What every method logs, in this order (README, "Reading the diagnostics"); SOP and MaSSL add SE_STATS.
+STATS = ("loss_cls", "loss_patch", "teacher_entropy", "teacher_image_entropy", "kl_teacher_student",
+         "effective_prototypes")
+SE_STATS = ("se_cosine", "se_distinct_rows", "se_age")
+DUPLICATE_COSINE = 0.9  # distinct_prototypes: two unit vectors closer than this count as one prototype
+
+
+def distribution_stats(teacher_probs: torch.Tensor, cross_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collapse monitors of teacher rows (n, ..., M) (averaged over blocks, if any) given the loss's mean
+    cross-entropy H(q, p) over the same teacher rows:
+      teacher_entropy        H(mean_n q), the entropy of the batch-mean target: -> 0 on one-hot collapse
+      teacher_image_entropy  mean_n H(q), the images' own entropy: rises to the first on uniform collapse
+      kl_teacher_student     mean KL(q || p) = H(q, p) - H(q): how far the student is from its targets
+      effective_prototypes   exp(teacher_entropy): how many targets are used evenly (of M, or of a block's NB)
+    DINO's pair of the first two tells the two collapses apart: a healthy teacher keeps the first high and the
+    second well below it."""
+    q = teacher_probs.float()
+    mean_q = q.mean(0)  # (..., M)
+    of_mean = -(mean_q * mean_q.clamp_min(1e-12).log()).sum(-1).mean()
+    per_image = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
+    return dict(teacher_entropy=of_mean, teacher_image_entropy=per_image,
+                kl_teacher_student=cross_entropy - per_image, effective_prototypes=of_mean.exp())
+
+
+@torch.no_grad()
+def distinct_prototypes(vectors: torch.Tensor, threshold: float = DUPLICATE_COSINE, chunk: int = 4096) -> torch.Tensor:
+    """How many of the K rows of vectors (K, d) remain after merging near-duplicates: row j is a duplicate when some
+    earlier row i < j has cosine > threshold with it (partial prototype collapse, as Govindarajan et al. 2024, "On
+    Partial Prototype Collapse in the DINO Family of Self-Supervised Methods", count it). 0-d int64 tensor."""
+    v = F.normalize(vectors.float(), dim=1)
+    duplicates = torch.zeros((), dtype=torch.long, device=v.device)
+    for start in range(0, v.shape[0], chunk):
+        rows = v[start:start + chunk]  # (c, d)
+        cos = rows @ v[:start + rows.shape[0]].T  # (c, start + c): against this row and all earlier ones
+        earlier = torch.arange(cos.shape[1], device=v.device) < torch.arange(start, start + rows.shape[0],
+                                                                               device=v.device)[:, None]
+        duplicates += ((cos > threshold) & earlier).any(1).sum()
+    return v.shape[0] - duplicates
 
 
 class SOP(nn.Module):
     """The paper: [CLS] and patch memories, SOPs drawn from them each step (sthalles/sop main_ibot.py)."""
     uses_masks = True  # the student sees block-masked global crops
+    STATS = STATS + SE_STATS  # the monitors of the first [CLS] draw of each step
 
     def __init__(self, cfg):
         super().__init__()
@@ -97,41 +130,55 @@ class SOP(nn.Module):
         self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim)
         self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim)
 
-    def loss(self, student, teacher, masks, teacher_temp, generator):
+    def teacher_patch_index(self, tokens: PatchTokens, generator: torch.Generator) -> torch.Tensor:
+        """The teacher embeds the student's masked tokens (the SOP-MIM targets) and, for the patch memory, one
+        uniformly random patch of the second global crop of each image (sthalles/sop main_ibot.py): (T + B,).
+        generator: the rank's own stream of the step (its augmentation's)."""
+        n, P = tokens.masks.shape
+        B = n // 2
+        pick = torch.randint(P, (B,), device=tokens.index.device, generator=generator)  # (B,) one patch per image
+        return torch.cat((tokens.index, (B + torch.arange(B, device=pick.device)) * P + pick))  # (T + B,)
+
+    def loss(self, student, teacher, tokens, teacher_temp, generator):
         cfg = self.cfg
         # ---- SOP loss on [CLS], averaged over T_C draws of M_C prototypes (paper: L_SOP; official
         # --num_class_tasks draws)
-        loss_cls, entropy = 0.0, 0.0
-        for _ in range(cfg.class_draws):
+        loss_cls = 0.0
+        for draw in range(cfg.class_draws):
             sops = self.class_memory.draw(cfg.class_anchors, cfg.class_neighbors, cfg.smoothing, generator)
             teacher_probs = sops.probabilities(teacher.cls, teacher_temp)  # (2B, M_C)
             student_probs = sops.probabilities(student.cls, cfg.student_temp)  # ((2 + V_l) B, M_C)
-            loss_cls = loss_cls + sop_loss(student_probs, teacher_probs) / cfg.class_draws
-            entropy = entropy + teacher_entropy(teacher_probs) / cfg.class_draws
+            draw_loss = sop_loss(student_probs, teacher_probs)
+            loss_cls = loss_cls + draw_loss / cfg.class_draws
+            if draw == 0:  # the monitors of one draw: the draws are alike, and each costs ~25 small ops
+                stats = dict(**distribution_stats(teacher_probs, draw_loss), **self.class_memory.support_stats(sops))
+        stats["loss_cls"] = loss_cls
         # ---- SOP-MIM loss on the masked patches of the global crops (paper: L_MIM); weight 0: not computed
         loss_patch = torch.zeros_like(loss_cls)
         if student.patch is not None:
             psops = self.patch_memory.draw(cfg.patch_anchors, cfg.patch_neighbors, cfg.smoothing, generator)
-            loss_patch = sop_mim_loss(psops.probabilities(student.patch, cfg.student_temp),
-                                      psops.probabilities(teacher.patch, teacher_temp), masks)
+            T = student.patch.shape[0]
+            loss_patch = sop_mim_loss(psops.probabilities(student.patch, cfg.student_temp),  # (T, M_P)
+                                      psops.probabilities(teacher.patch[:T], teacher_temp), tokens)
         loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # paper: λ1 L_SOP + λ2 L_MIM
-        return loss, loss_cls, loss_patch, entropy
+        return loss, dict(stats, loss_patch=loss_patch)
+
+    def prototype_vectors(self, teacher) -> torch.Tensor:
+        return self.class_memory.memory  # (Q, d): every anchor and SE is one of its rows
 
     @torch.no_grad()
     def update(self, teacher, indices: torch.Tensor | None = None) -> None:
         """Memories are enqueued only now, after the losses read them (as sthalles/sop main_ibot.py: the SEs of this
         step come from the memory before its update). What enters: the teacher [CLS] of the second global crop,
-        and one uniformly random teacher patch of it per image (sthalles/sop main_ibot.py). indices (B,):
-        the images' dataset indices, kept beside their memory rows (visualize.py)."""
-        teacher_cls, teacher_patch = teacher.cls, teacher.patch
-        B = teacher_cls.shape[0] // 2
-        second_view = slice(B, 2 * B)
-        if teacher_patch is None:  # SOP-MIM off: the patch memory is never read
-            self.class_memory.enqueue(teacher_cls[second_view], indices)
+        and one uniformly random teacher patch of it per image (the last B rows of teacher.patch,
+        teacher_patch_index). indices (B,): the images' dataset indices, kept beside their memory rows
+        (visualize.py)."""
+        B = teacher.cls.shape[0] // 2
+        second_view = teacher.cls[B:2 * B]  # (B, d)
+        if teacher.patch is None:  # SOP-MIM off: the patch memory is never read
+            self.class_memory.enqueue(second_view, indices)
             return
-        pick = torch.randint(teacher_patch.shape[1], (B,), device=teacher_patch.device)  # one random patch per image
-        patch = teacher_patch[second_view][torch.arange(B, device=teacher_patch.device), pick]  # (B, d)
-        cls, patch, indices = all_gather_rows(teacher_cls[second_view], patch, indices)  # one collective
+        cls, patch, indices = all_gather_rows(second_view, teacher.patch[-B:], indices)  # one collective
         self.class_memory.enqueue(cls, indices, gathered=True)
         self.patch_memory.enqueue(patch, indices, gathered=True)
 
@@ -171,10 +218,10 @@ class PrototypeNetwork(MultiCropWrapper):
         head.prototypes = prototypes
         head.patch_prototypes = patch_prototypes  # iBOT with shared_head false: a second layer for patches
 
-    def forward(self, global_crops, masks=None, local_crops=None) -> NetworkOutput:
-        cls, patch = super().forward(global_crops, masks, local_crops)[:2]  # ((2 + V_l) B, d), (2B, P, d) or None
+    def forward(self, global_crops, masks=None, local_crops=None, patch_index=None) -> NetworkOutput:
+        cls, patch = super().forward(global_crops, masks, local_crops, patch_index)[:2]  # ((2 + V_l) B, d), (T, d)
         patch_layer = self.head.prototypes if self.head.patch_prototypes is None else self.head.patch_prototypes
-        patch_logits = None if patch is None else patch_layer(patch)  # (2B, P, K)
+        patch_logits = None if patch is None else patch_layer(patch)  # (T, K)
         return NetworkOutput(cls, patch, self.head.prototypes(cls), patch_logits)  # cls_logits ((2 + V_l) B, K)
 
 
@@ -190,11 +237,12 @@ class Centers(nn.Module):
     @torch.no_grad()
     def update(self, teacher_cls_logits: torch.Tensor, teacher_patch_logits: torch.Tensor | None) -> None:
         """c <- m c + (1 - m) sum_rows(t) / (2B W); c2 the same over the per-image mean of ALL P patches
-        (bytedance/ibot main_ibot.py iBOTLoss.update_center)."""
+        (bytedance/ibot main_ibot.py iBOTLoss.update_center). teacher_patch_logits (2B P, K), every patch."""
         sums = [teacher_cls_logits.float().sum(0)]  # (K,)
         patch = self.patch is not None and teacher_patch_logits is not None  # None: iBOT with MIM weight 0
         if patch:
-            sums.append(teacher_patch_logits.float().mean(1).sum(0))  # (K,)
+            n = teacher_cls_logits.shape[0]
+            sums.append(teacher_patch_logits.float().view(n, -1, teacher_patch_logits.shape[-1]).mean(1).sum(0))  # (K,)
         sums = torch.stack(sums)  # (1 or 2, K)
         world = 1
         if dist.is_available() and dist.is_initialized():
@@ -210,6 +258,7 @@ class IBOT(nn.Module):
     """iBOT (bytedance/ibot main_ibot.py iBOTLoss): centred, sharpened teacher softmax over K learnable prototypes;
     [CLS] + masked patches."""
     uses_masks = True
+    STATS = STATS
     patch_term = True  # L_MIM and c2, the centre of the teacher patch logits
 
     def __init__(self, cfg):
@@ -217,7 +266,10 @@ class IBOT(nn.Module):
         self.cfg = cfg
         self.centers = Centers(cfg.num_prototypes, patch=self.patch_term, momentum=cfg.center_momentum)
 
-    def loss(self, student, teacher, masks, teacher_temp, generator):
+    def teacher_patch_index(self, tokens: PatchTokens, generator: torch.Generator) -> None:
+        return None  # every patch: the centre c2 averages the teacher's logits over all of them
+
+    def loss(self, student, teacher, tokens, teacher_temp, generator):
         cfg, c = self.cfg, self.centers
         student_cls, teacher_cls = student.cls_logits.float(), teacher.cls_logits.float()  # ((2 + V_l) B, K), (2B, K)
         # Teacher targets: centred with the previous step's centres, sharpened by teacher_temp
@@ -225,12 +277,16 @@ class IBOT(nn.Module):
         loss_cls = cross_view_loss((student_cls / cfg.student_temp).log_softmax(-1), teacher_probs)
         loss_patch = torch.zeros_like(loss_cls)  # MIM weight 0 or DINO: no patch logits, nothing computed
         if self.patch_term and student.patch_logits is not None:
-            student_patch, teacher_patch = student.patch_logits.float(), teacher.patch_logits.float()  # (2B, P, K)
-            teacher_patch_probs = ((teacher_patch - c.patch) / teacher_temp).softmax(-1)  # (2B, P, K)
+            student_patch = student.patch_logits.float()  # (T, K), the masked tokens (and padding)
+            teacher_patch = teacher.patch_logits.float()[tokens.index]  # (T, K) of the (2B P, K) of every patch
+            teacher_patch_probs = ((teacher_patch - c.patch.view(1, -1)) / teacher_temp).softmax(-1)  # (T, K)
             loss_patch = masked_patch_loss((student_patch / cfg.student_temp).log_softmax(-1), teacher_patch_probs,
-                                           masks)  # same view, masked patches only
+                                           tokens)  # same view, masked patches only
         loss = cfg.cls_loss_weight * loss_cls + cfg.patch_loss_weight * loss_patch  # λ1 L_cls + λ2 L_mim
-        return loss, loss_cls, loss_patch, teacher_entropy(teacher_probs)
+        return loss, dict(loss_cls=loss_cls, loss_patch=loss_patch, **distribution_stats(teacher_probs, loss_cls))
+
+    def prototype_vectors(self, teacher) -> torch.Tensor:
+        return teacher.head.prototypes.weight  # (K, d), the teacher's [CLS] prototype layer
 
     def update(self, teacher, indices=None) -> None:
         self.centers.update(teacher.cls_logits, teacher.patch_logits)  # after the loss used the old centres
@@ -259,13 +315,14 @@ class MaSSL(nn.Module):
     """MaSSL (sthalles/MaSSL criterion.py): the class memory's rows, in random blocks, play the prototypes; [CLS]
     only."""
     uses_masks = False
+    STATS = STATS + SE_STATS  # SE analogues: a block's rows play one SOP's SEs
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim)
 
-    def loss(self, student, teacher, masks, teacher_temp, generator):
+    def loss(self, student, teacher, tokens, teacher_temp, generator):
         blocks = self.class_memory.memory[random_blocks(self.cfg.class_memory_size, self.cfg.partition_size,
                                                         generator)]  # (NP, NB, d), the pre-update memory
         with torch.autocast(blocks.device.type, enabled=False):
@@ -273,7 +330,17 @@ class MaSSL(nn.Module):
             teacher_logits = torch.einsum("nd,kcd->nkc", teacher.cls.float(), blocks)  # (2B, NP, NB)
             teacher_probs = (teacher_logits / teacher_temp).softmax(-1)  # softmax within each block
             loss = cross_view_loss((student_logits / self.cfg.student_temp).log_softmax(-1), teacher_probs)
-        return loss, loss, torch.zeros_like(loss), teacher_entropy(teacher_probs)
+        memory = self.class_memory
+        within = blocks.sum(1).square().sum(-1)  # (NP,) |sum of a block's unit rows|^2 = NB + sum of pair cosines
+        NB = blocks.shape[1]
+        se_stats = dict(se_cosine=((within - NB) / max(NB * (NB - 1), 1)).mean(),  # mean cosine within a block
+                        se_distinct_rows=torch.full((), float(memory.memory.shape[0]), device=loss.device),  # all
+                        se_age=memory.age(torch.arange(memory.memory.shape[0], device=loss.device)).float().mean())
+        return loss, dict(loss_cls=loss, loss_patch=torch.zeros_like(loss), **distribution_stats(teacher_probs, loss),
+                          **se_stats)
+
+    def prototype_vectors(self, teacher) -> torch.Tensor:
+        return self.class_memory.memory  # (Q, d): the blocks' rows
 
     @torch.no_grad()
     def update(self, teacher, indices=None) -> None:
@@ -307,13 +374,14 @@ class CARP(nn.Module):
     official form, an unnormalised head and no temperature.
     """
     uses_masks = False
+    STATS = STATS
     EPS = torch.finfo(torch.float32).eps  # the official clamp
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
 
-    def loss(self, student, teacher, masks, teacher_temp, generator):
+    def loss(self, student, teacher, tokens, teacher_temp, generator):
         cfg = self.cfg
         idx = random_blocks(cfg.num_prototypes, cfg.partition_size, generator)  # (NP, NB)
         student_temp, teacher_temp = (cfg.student_temp, teacher_temp) if cfg.carp_cosine else (1.0, 1.0)
@@ -333,7 +401,12 @@ class CARP(nn.Module):
         mean_probs = rows.mean(0)  # (NP, NB)
         uniformity = (math.log(NB) + (mean_probs * mean_probs.clamp(self.EPS, 1 - self.EPS).log()).sum(-1)).mean()
         loss = consistency + uniformity  # weight 1, as the official code
-        return loss, consistency, torch.zeros_like(loss), teacher_entropy(q)  # uniformity = loss - loss_cls
+        cross_entropy = cross_view_loss(p.detach().clamp_min(self.EPS).log(), q)  # for the KL monitor only
+        return loss, dict(loss_cls=consistency, loss_patch=torch.zeros_like(loss),  # uniformity = loss - loss_cls
+                          **distribution_stats(q, cross_entropy))
+
+    def prototype_vectors(self, teacher) -> torch.Tensor:
+        return teacher.head.prototypes.weight  # (K, d)
 
     def update(self, teacher, indices=None) -> None:
         pass  # nothing besides the EMA teacher

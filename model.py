@@ -6,12 +6,14 @@ Shape legend used in every file of this project:
     D  transformer width         d  embedding dim after the projection head (256)
     M  SOPs (anchors) per draw   S  support embeddings per draw, S = M (k + 1)
     Q  memory size (rows of a memory bank)
+    T  patch tokens sent through the head: the masked ones, padded to a per-epoch budget (PatchTokens)
 
 Parameter names follow the DINO/timm ViT layout (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.norm1`,
 `blocks.{i}.attn.qkv`, `blocks.{i}.attn.proj`, `blocks.{i}.norm2`, `blocks.{i}.mlp.fc1`, `blocks.{i}.mlp.fc2`,
 `norm`), and the mask token is iBOT's `masked_embed`, so published DINO/iBOT/SOP backbones load into this model and
 ours load into theirs.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -218,13 +220,44 @@ class NetworkOutput(NamedTuple):
     """What a MultiCropWrapper returns, view-major: rows [view 0 of all B images | view 1 | ...].
 
     cls ((2 + V_l) B, d): unit-norm [CLS] embeddings of every view, the 2 global views first.
-    patch (2B, P, d) or None: unit-norm patch embeddings of the global views, None when no loss reads them.
-    cls_logits ((2 + V_l) B, K), patch_logits (2B, P, K) or None: prototype scores (iBOT, DINO, CARP only).
+    patch (T, d) or None: unit-norm embeddings of the global crops' patch tokens at patch_index (flat indices into
+    the 2B x P grid; all 2B P of them without an index), None when no loss reads them.
+    cls_logits ((2 + V_l) B, K), patch_logits (T, K) or None: prototype scores (iBOT, DINO, CARP only).
     """
     cls: torch.Tensor
     patch: torch.Tensor | None
     cls_logits: torch.Tensor | None = None
     patch_logits: torch.Tensor | None = None
+
+
+class PatchTokens(NamedTuple):
+    """The masked patch tokens of a step's global crops, the only ones a masked-patch loss reads (DINOv2 gathers
+    them the same way before its head, with a static upper bound).
+
+    index (T,): flat indices into the (2B, P) grid, every masked token first (in grid order), then unmasked ones
+    up to the budget T, so shapes stay fixed; valid (T,) bool: True for the masked ones; crop (T,): the global crop
+    each belongs to (index // P); masks (2B, P): the step's masks, True = masked.
+    """
+    index: torch.Tensor
+    valid: torch.Tensor
+    crop: torch.Tensor
+    masks: torch.Tensor
+
+
+def masked_tokens(masks: torch.Tensor, budget: int) -> PatchTokens:
+    """PatchTokens of masks (2B, P) with T = budget >= masks.sum() (no host sync: the budget is known)."""
+    flat = masks.flatten()  # (2B P,)
+    index = torch.sort(flat.to(torch.int8), descending=True, stable=True).indices[:budget]  # (T,) masked first
+    return PatchTokens(index, flat[index], index // masks.shape[1], masks)
+
+
+def token_budget(epoch_masks: torch.Tensor) -> int:
+    """T for an epoch's masks (steps, 2B, P): the most masked tokens of any of its steps, rounded up to a 32nd of
+    2B P, so that the budget (a tensor shape under torch.compile) rarely changes from one epoch to the next."""
+    steps, n, P = epoch_masks.shape
+    bucket = max(n * P // 32, 1)
+    most = int(epoch_masks.sum((1, 2)).max())  # one host sync per epoch
+    return min(math.ceil(most / bucket) * bucket, n * P)
 
 
 class MultiCropWrapper(nn.Module):
@@ -240,16 +273,20 @@ class MultiCropWrapper(nn.Module):
         self.patch_tokens = patch_tokens  # False: no loss reads patch embeddings, only [CLS] goes through the head
 
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor | None = None,
-                local_crops: torch.Tensor | None = None) -> NetworkOutput:
-        """global_crops (2B, 3, G, G), masks (2B, P) bool or None, local_crops (V_l B, 3, l, l) or None.
+                local_crops: torch.Tensor | None = None, patch_index: torch.Tensor | None = None) -> NetworkOutput:
+        """global_crops (2B, 3, G, G), masks (2B, P) bool or None, local_crops (V_l B, 3, l, l) or None,
+        patch_index (T,) flat indices into the (2B, P) patch grid, or None for all of them.
 
-        Without patch_tokens the patch embeddings are not computed: the head on the patch tokens costs a quarter of
-        a ViT-S's FLOPs on them, 90 % of a ViT-T's.
+        Only the patch tokens a loss or a memory reads go through the head (the head on a patch token costs a
+        quarter of a ViT-S block stack's FLOPs on it, 90 % of a ViT-T's); without patch_tokens, none.
         """
         tokens = self.backbone(global_crops, masks)  # (2B, N, D)
+        n = tokens.shape[0]
         if self.patch_tokens:
-            z = self.head(tokens)  # (2B, N, d)
-            cls, patch = z[:, 0], z[:, 1:]  # (2B, d), (2B, P, d)
+            patch = tokens[:, 1:].flatten(0, 1)  # (2B P, D)
+            patch = patch if patch_index is None else patch[patch_index]  # (T, D)
+            z = self.head(torch.cat((tokens[:, 0], patch)))  # (2B + T, d): one head call
+            cls, patch = z[:n], z[n:]  # (2B, d), (T, d)
         else:
             cls, patch = self.head(tokens[:, 0]), None  # (2B, d)
         if local_crops is not None and local_crops.shape[0] > 0:

@@ -1,6 +1,11 @@
-"""k-NN top-1 against wall-clock minutes, from the log.jsonl files of train.py runs (needs matplotlib).
+"""k-NN top-1 (or any logged number) against wall-clock minutes, from the log.jsonl files of train.py runs (needs
+matplotlib).
 
     python plot_knn.py runs/a/log.jsonl runs/b/log.jsonl --out knn.png --title "Fashion-MNIST, one H100"
+    python plot_knn.py runs/a/log.jsonl --field teacher_image_entropy --out entropy.png   # a diagnostic
+
+A field of the per-step records (README, "Reading the diagnostics") is drawn from those, every log_every steps;
+k-NN and distinct_prototypes come from the epoch records.
 
 Prints the table of points too, so the figure's numbers can be pasted next to it.
 """
@@ -9,9 +14,10 @@ import json
 import os
 
 
-def read_points(path: str) -> tuple[str, list[tuple[float, float]]]:
-    """(run name, [(minutes since the run began, k-NN top-1 %), ...]) from one log.jsonl; one-line errors for a
-    missing file, a folder or one that is not a train.py log."""
+def read_points(path: str, field: str = "knn_top1") -> tuple[str, list[tuple[float, float]]]:
+    """(run name, [(minutes since the run began, value of field), ...]) from one log.jsonl, from its per-step
+    records when it has the field there, else from the epoch records; one-line errors for a missing file, a
+    folder or one that is not a train.py log."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: {'a directory, not a log file' if os.path.isdir(path) else 'no such file'}"
                          f" (train.py writes OUTPUT_DIR/log.jsonl)")
@@ -22,8 +28,26 @@ def read_points(path: str) -> tuple[str, list[tuple[float, float]]]:
         raise SystemExit(f"error: {path} is not a log.jsonl of train.py (one JSON object per line): {e}")
     if not all(isinstance(r, dict) for r in records):
         raise SystemExit(f"error: {path} is not a log.jsonl of train.py (one JSON object per line)")
-    points = [(r["elapsed_s"] / 60, r["knn_top1"]) for r in records if "knn_top1" in r and "elapsed_s" in r]
+    records = [r for r in records if field in r and "elapsed_s" in r and isinstance(r[field], (int, float))]
+    steps = [r for r in records if r.get("kind") == "step"]
+    points = [(r["elapsed_s"] / 60, r[field]) for r in (steps or records)]
     return os.path.basename(os.path.dirname(os.path.abspath(path))), points
+
+
+FORMATS = (".png", ".pdf", ".svg")  # what matplotlib's savefig writes without extra packages
+
+
+def check_out(out: str) -> None:
+    """One 'error: ...' line for an --out the figure could not be written to, before any log is read."""
+    directory, problem = os.path.dirname(os.path.abspath(out)), None
+    if os.path.isdir(out):
+        problem = "is a directory"
+    elif not os.path.isdir(directory):
+        problem = f"directory {directory} does not exist"
+    elif not out.lower().endswith(FORMATS):
+        problem = "unknown format"
+    if problem:
+        raise SystemExit(f"error: --out {out}: {problem}; valid: a {', '.join(FORMATS)} file in an existing directory")
 
 
 def main(argv=None):
@@ -31,15 +55,20 @@ def main(argv=None):
     parser.add_argument("logs", nargs="+", help="log.jsonl files")
     parser.add_argument("--out", default="knn.png")
     parser.add_argument("--title", default="")
+    parser.add_argument("--field", default="knn_top1", help="any number of the log's records (default: k-NN top-1)")
     args = parser.parse_args(argv)
-    runs = [read_points(path) for path in args.logs]
+    check_out(args.out)
+    runs = [read_points(path, args.field) for path in args.logs]
     for path, (_, points) in zip(args.logs, runs):
         if not points:
-            raise SystemExit(f"error: {path} has no k-NN record with elapsed_s (logs of train.py from this version on)")
-    print("| run | minutes | k-NN top-1 (%) |\n| --- | --- | --- |")
+            raise SystemExit(f"error: {path} has no record with {args.field} and elapsed_s (logs of train.py from "
+                             f"this version on{'' if args.field == 'knn_top1' else '; is the field name right?'})")
+    label = "k-NN top-1 (%), k = 20" if args.field == "knn_top1" else args.field
+    print(f"| run | minutes | {label} |\n| --- | --- | --- |")
     for name, points in runs:
-        for minutes, top1 in points:
-            print(f"| {name} | {minutes:.1f} | {top1:.1f} |")
+        for minutes, value in points:
+            print(f"| {name} | {minutes:.1f} | {value:.1f} |" if args.field == "knn_top1" else
+                  f"| {name} | {minutes:.1f} | {value:.4g} |")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -48,9 +77,9 @@ def main(argv=None):
         raise SystemExit("error: plotting needs matplotlib (pip install matplotlib); the table above is complete")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in runs:
-        ax.plot(*zip(*points), marker="o", label=name)
+        ax.plot(*zip(*points), marker="o" if len(points) < 40 else None, label=name)
     ax.set_xlabel("wall-clock minutes (k-NN evaluations included)")
-    ax.set_ylabel("k-NN top-1 (%), k = 20")
+    ax.set_ylabel(label)
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
     ax.legend()

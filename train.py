@@ -31,12 +31,12 @@ import data
 import launch
 import methods
 from checkpoint import (PREEMPTED_EXIT_CODE, CheckpointError, NonFiniteLoss, StopSignals, check_finite_state,
-                        resume_state, resumed_step, save_checkpoint)
+                        initialise_from, read_init_source, resume_state, resumed_step, save_checkpoint)
 from data import seed_for
 from eval_knn import knn_evaluate
 from launch import ConfigError, RunLog, validate
 from memory import search_kind
-from model import ProjectionHead, build_backbone
+from model import ProjectionHead, build_backbone, masked_tokens, token_budget
 
 
 @dataclass
@@ -113,10 +113,13 @@ class Config:
     output_dir: str = "runs/sop"
     resume: bool = True  # continue from output_dir/checkpoint.pth when it exists
     resume_changes: str = "refuse"  # refuse | ok: resume although settings that change the trajectory differ
+    init_from: str = ""  # a new run (step 0, fresh optimiser) from a train.py checkpoint's or a ViT file's networks
+    init_memories: bool = False  # init_from a train.py checkpoint: take its memories or centres too
     knn_every: int = 10  # epochs between k-NN evaluations (also before the first step); 0 = never
     log_every: int = 20  # steps between progress updates (the only host syncs of the loop)
     max_steps: int = 0  # stop after this many steps of this run (with a checkpoint); 0 = to the end
     saveckp_freq: int = 0  # also keep checkpoint{epoch:04}.pth every this many epochs (DINO's flag); 0 = never
+    tensorboard: bool = False  # also write the log's numbers as TensorBoard events in output_dir/tensorboard
 
     def __post_init__(self):  # sizes left at 0: the method's official default, resolved here so logs show it
         for name, value in methods.default_sizes(self.method, self.class_memory_size).items():
@@ -145,6 +148,13 @@ PRESETS = {
     # the networks (no graph breaks, no recompiles after the first step: bench.py --count); --compile false if not.
     "imagenet": dict(output_dir="runs/imagenet", compile=True),
 }
+# Fashion-MNIST on a 2-core CPU in 30 minutes: cpu_demo on the whole training split, with a larger memory, fewer
+# anchors and more neighbours (512 of 8192, k = 8: anchors a sixteenth of the memory, the official ratio), a slower
+# teacher and temperatures that keep the targets informative (README, "Fashion-MNIST on a CPU"; results/fmnist_cpu)
+PRESETS["fmnist_cpu"] = {**PRESETS["cpu_demo"], **dict(
+    dataset="fashion_mnist", data_path=data.FASHION_MNIST_SYSTEM_DIR, epochs=10, knn_every=2, class_memory_size=8192,
+    class_anchors=512, class_neighbors=8, momentum_teacher=0.996, student_temp=0.2, teacher_temp=0.02,
+    warmup_teacher_temp=0.02, output_dir="runs/fmnist_cpu")}
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -201,6 +211,9 @@ class Trainer:
         self.make_masks = augment.BlockMaskGenerator(cfg.global_crops_size // cfg.patch_size, cfg.pred_ratio,
                                                      cfg.pred_ratio_var)
         self.masks_epoch, self.epoch_masks = None, None  # block_masks' cache: (epoch, rank, crops) and its masks
+        self.token_budget = 0  # T, set with the epoch's masks (model.token_budget)
+        self.patch_loss = methods.uses_patch_tokens(cfg)  # a masked-patch loss reads the global patch tokens
+        self.stat_names = ("loss", *methods.METHODS[cfg.method].STATS, "teacher_cls_std")  # what train_step returns
 
         # Student (drop path, mask token) and teacher: a copy without either, never trained by gradients.
         def network(student: bool) -> nn.Module:
@@ -246,7 +259,7 @@ class Trainer:
         indices (B,): the images' dataset indices, stored beside their memory rows (for visualize.py; None: -1).
         sizes (B, 2): valid (height, width) of each image when they are padded canvases (folder datasets).
 
-        Returns the STATS, on the device: no host sync.
+        Returns the values of self.stat_names, on the device: no host sync.
         """
         cfg, sched = self.cfg, self.schedules
         # ---- schedules; this step's random streams are all seeded from (seed, step)
@@ -255,7 +268,7 @@ class Trainer:
             group["lr"] = float(sched["lr"][step])  # Python floats: the optimizer state is checkpointed
             if i == 0:
                 group["weight_decay"] = float(sched["weight_decay"][step])
-        torch.manual_seed(seed_for(cfg.seed, step, 1, rank))  # drop path and patch choice, own stream per rank
+        torch.manual_seed(seed_for(cfg.seed, step, 1, rank))  # drop path, own stream per rank
         gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 2, rank))
         anchor_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, 3))  # same on every rank:
         # SOP anchors, MaSSL/CARP partitions
@@ -263,15 +276,19 @@ class Trainer:
         # ---- multi-crop views and block masks, batched on the device (augment.py)
         global_crops, local_crops = self.augment(images, gen, sizes)  # (2B, 3, G, G), (V_l B, 3, l, l)
         masks = self.block_masks(step, rank, len(global_crops)) if self.method.uses_masks else None  # (2B, P) bool
+        # the patch tokens whose embeddings a loss reads: the masked ones (model.PatchTokens); None: no patch loss
+        tokens = masked_tokens(masks, self.token_budget) if self.patch_loss else None
+        teacher_index = None if tokens is None else self.method.teacher_patch_index(tokens, gen)
 
         # ---- teacher on the unmasked global crops; student on masked globals and all locals
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.precision != "fp32"):
             with torch.no_grad():
-                teacher = self.teacher_forward(global_crops)  # NetworkOutput: cls (2B, d), patch (2B, P, d), ...
-            student = self.student_forward(global_crops, masks, local_crops)  # cls ((2 + V_l) B, d), patch, ...
+                teacher = self.teacher_forward(global_crops, patch_index=teacher_index)  # cls (2B, d), patch, ...
+            student = self.student_forward(global_crops, masks, local_crops,
+                                           patch_index=None if tokens is None else tokens.index)  # patch (T, d)
 
         # ---- the losses: SOP loss on [CLS] + SOP-MIM loss on masked patches (methods.SOP), or a baseline's
-        loss, loss_cls, loss_patch, entropy = self.method.loss(student, teacher, masks, teacher_temp, anchor_gen)
+        loss, stats = self.method.loss(student, teacher, tokens, teacher_temp, anchor_gen)  # stats: method.STATS
 
         # ---- backward, per-parameter clipping, AdamW, EMA teacher
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,7 +306,7 @@ class Trainer:
             # ---- the method's state after the losses read it: memory enqueue or centre update
             self.method.update(teacher, indices)
             cls_std = F.normalize(teacher.cls.float(), dim=-1).std(0).mean()  # collapse monitor: -> 0 if collapsed
-            return torch.cat((torch.stack((loss, loss_cls, loss_patch)), entropy, cls_std.view(1))).detach()
+            return torch.stack((loss, *(stats[name] for name in self.method.STATS), cls_std)).float().detach()
 
     def block_masks(self, step: int, rank: int, n: int) -> torch.Tensor:
         """The step's block masks (n = 2B, P), True = masked. They are drawn for a whole epoch at once, seeded from
@@ -299,7 +316,7 @@ class Trainer:
         if self.masks_epoch != (epoch, rank, n):
             gen = torch.Generator(self.device).manual_seed(seed_for(self.cfg.seed, epoch, 4, rank))
             self.epoch_masks = self.make_masks(self.steps_per_epoch * n, gen).view(self.steps_per_epoch, n, -1)
-            self.masks_epoch = (epoch, rank, n)
+            self.masks_epoch, self.token_budget = (epoch, rank, n), token_budget(self.epoch_masks)
         return self.epoch_masks[step % self.steps_per_epoch]  # (n, P)
 
     def state_dict(self) -> dict:
@@ -320,7 +337,9 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------------------- loop
-STATS = ("loss", "loss_cls", "loss_patch", "teacher_entropy", "teacher_image_entropy", "teacher_cls_std")
+# Log keys of the scheduled values (the Config fields they come from) -> Trainer.schedules keys
+SCHEDULE_LOG = {"lr": "lr", "weight_decay": "weight_decay", "teacher_temp": "teacher_temp",
+                "momentum_teacher": "momentum"}
 
 
 @dataclass
@@ -373,39 +392,50 @@ def knn_top1(cfg: Config, trainer: Trainer, loaded: TrainingData, epoch: int) ->
 
 
 def train_epoch(trainer: Trainer, loaded: TrainingData, step: int, stop_step: int, stop: StopSignals,
-                watch: NonFiniteLoss, ckpt_path: str, rank: int, world: int) -> tuple[int, dict, bool]:
-    """Steps from `step` to the end of its epoch (or stop_step, or a stop signal). Returns the step reached, the
-    epoch's record (mean STATS, lr, images/s) and whether a signal asked to stop."""
-    cfg, global_batch = trainer.cfg, trainer.global_batch
+                watch: NonFiniteLoss, log: RunLog, run_start: float, rank: int, world: int) -> tuple[int, dict, bool]:
+    """Steps from `step` to the end of its epoch (or stop_step, or a stop signal), with a "step" record of the
+    last log_every steps' mean stats and schedules every log_every steps. Returns the step reached, the epoch's
+    record (mean stats, lr, images/s) and whether a signal asked to stop."""
+    cfg, global_batch, sched = trainer.cfg, trainer.global_batch, trainer.schedules
     epoch, first_batch = divmod(step, trainer.steps_per_epoch)
     # The epoch's batches are a function of (seed, epoch): resuming mid-epoch skips the ones already done.
     batches = data.epoch_batches(loaded.num_train, cfg.batch_size_per_gpu, epoch, cfg.seed, rank, world)
     batches = batches[first_batch:first_batch + stop_step - step]
     batches = batches if loaded.subset is None else loaded.subset[batches]
-    sums, done, stopping = torch.zeros(len(STATS), device=trainer.device), 0, False
+    sums = window = torch.zeros(len(trainer.stat_names), device=trainer.device)  # summed on the device, no sync
+    done, window_start, stopping = 0, 0, False
     bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, dynamic_ncols=True)
-    start = time.time()
+    start = window_time = time.time()
     for images, sizes, indices in data.training_batches(loaded.train_set, loaded.images, batches, trainer.device,
                                                         cfg.num_workers, cfg.gpu_decode):
         stats = trainer.train_step(images, step, rank, indices=indices, sizes=sizes)
-        sums += stats
+        sums, window = sums + stats, window + stats
         watch.see(stats[0], step)
         step, done = step + 1, done + 1
         bar.update(1)
         report = step % cfg.log_every == 0 or done == len(batches)
         stopping = stop.any_rank(poll=report)  # across ranks only at the log cadence (checkpoint.StopSignals)
         if report or stopping:  # the loop's only host syncs
-            watch.check(ckpt_path)
-            bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{trainer.schedules['lr'][step - 1]:.2e}",
-                            img_s=f"{done * global_batch / (time.time() - start):.0f}")
+            watch.check(log.checkpoint_path)
+            means, n, now = (window / (done - window_start)).tolist(), done - window_start, time.time()
+            log.write({"kind": "step", "step": step, "epoch": round(step / trainer.steps_per_epoch, 4),
+                       **dict(zip(trainer.stat_names, means)),
+                       **{name: float(sched[key][step - 1]) for name, key in SCHEDULE_LOG.items()},
+                       "step_time_s": (now - window_time) / n, "images_per_s": n * global_batch / (now - window_time),
+                       "elapsed_s": now - run_start})
+            entropy = means[trainer.stat_names.index("teacher_image_entropy")]  # rises on uniform collapse
+            bar.set_postfix(loss=f"{means[0]:.4f}", image_entropy=f"{entropy:.3f}", lr=f"{sched['lr'][step - 1]:.2e}",
+                            img_s=f"{done * global_batch / (now - start):.0f}")
+            window, window_start, window_time = torch.zeros_like(window), done, now
         if stopping:
             break
     bar.close()
     epochs_done = step / trainer.steps_per_epoch
     record = {"epoch": int(epochs_done) if epochs_done.is_integer() else round(epochs_done, 4),
-              "step": step, **dict(zip(STATS, (sums / max(done, 1)).tolist())),
-              "lr": float(trainer.schedules["lr"][step - 1]),
-              "images_per_s": done * global_batch / (time.time() - start)}
+              "step": step, **dict(zip(trainer.stat_names, (sums / max(done, 1)).tolist())),
+              "lr": float(sched["lr"][step - 1]), "images_per_s": done * global_batch / (time.time() - start)}
+    prototypes = trainer.method.prototype_vectors(trainer.teacher)  # (K or Q, d)
+    record["distinct_prototypes"] = int(methods.distinct_prototypes(prototypes))  # partial prototype collapse
     return step, record, stopping
 
 
@@ -418,12 +448,14 @@ def train(cfg: Config) -> Trainer:
 
 def start_run(cfg: Config, loaded: TrainingData, device: torch.device, rank: int, world: int,
               run_start: float) -> tuple[Trainer, int, RunLog, float]:
-    """The trainer, fresh or restored from output_dir/checkpoint.pth (checked before any compute), the log, and the
-    start-up print of config, environment and derived values. Returns (trainer, step, log, run start time)."""
+    """The trainer, fresh (its networks from --init_from when given) or restored from output_dir/checkpoint.pth
+    (checked before any compute), the log, and the start-up print of config, environment and derived values.
+    Returns (trainer, step, log, run start time)."""
     global_batch = cfg.batch_size_per_gpu * world
     steps_per_epoch = loaded.num_train // global_batch
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pth")
     ckpt, notes = resume_state(cfg, ckpt_path)
+    source = read_init_source(cfg) if cfg.init_from and ckpt is None else None  # --init_from: README, "Resuming"
     trainer, step = Trainer(cfg, device, world, steps_per_epoch), 0
     trainer.schedule = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                             train_images=loaded.num_train)  # what the schedules depend on, saved with checkpoints
@@ -435,7 +467,10 @@ def start_run(cfg: Config, loaded: TrainingData, device: torch.device, rank: int
     derived = {**trainer.schedule, "peak_lr": cfg.lr * global_batch / 256, "total_steps": cfg.epochs * steps_per_epoch,
                "precision": trainer.precision, "student_parameters": sum(p.numel() for p in trainer.params),
                "neighbour_search": search_kind(device)}
-    log = RunLog(cfg.output_dir, not rank, None if step else dict(config=asdict(cfg), environment=env, derived=derived))
+    if source is not None:  # checked before the log starts; what came from where goes into its first record
+        derived["initialised"] = initialise_from(trainer, source, cfg, notes)
+    log = RunLog(cfg.output_dir, not rank, None if step else dict(config=asdict(cfg), environment=env, derived=derived),
+                 cfg.tensorboard)
     if rank == 0:
         print(f"config: {json.dumps(asdict(cfg))}\nenvironment: {json.dumps(env)}\nderived: {json.dumps(derived)}"
               + (f"\nresuming at step {step}" if step else "") + "".join(f"\n{note}" for note in notes))
@@ -458,7 +493,8 @@ def run_training(cfg: Config, device: torch.device, rank: int, world: int, run_s
     watch = NonFiniteLoss(device)
     stopping = stop.any_rank()  # a signal during the epoch-0 k-NN
     while step < stop_step and not stopping:
-        step, record, stopping = train_epoch(trainer, loaded, step, stop_step, stop, watch, ckpt_path, rank, world)
+        step, record, stopping = train_epoch(trainer, loaded, step, stop_step, stop, watch, log, run_start, rank,
+                                             world)
         check_finite_state(trainer, step, ckpt_path)  # on every rank (identical weights), so all stop together
         if main_process:  # every random stream of step s is seeded from (seed, s): the step is the RNG state
             save_checkpoint(ckpt_path, {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch,

@@ -249,14 +249,20 @@ def check_arguments(args) -> None:
         raise SystemExit(f"error: --out {args.out}: must be a .png file")
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: --out {args.out}: directory {out_dir} does not exist")
+    if os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out}: is a directory; valid: a .png file name")
     for name, most in (("num_images", MAX_ROWS), ("num_sops", MAX_ROWS), ("k", MAX_K), ("tile", MAX_TILE),
-                       ("image_size", 4096)):
+                       ("image_size", 4096), ("patch_size", 4096)):
         value = getattr(args, name)
         if value is not None and not 0 < value <= most:
             raise SystemExit(f"error: --{name} {value}: valid: 1 to {most}")
+    for name, most in (("seed", 2 ** 63 - 1), ("num_workers", 256)):  # seeds as train.py's
+        if not 0 <= getattr(args, name) <= most:
+            raise SystemExit(f"error: --{name} {getattr(args, name)}: valid: 0 to {most}")
     for path in args.images or []:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: --images {path}: no such file")
+            raise SystemExit(f"error: --images {path}: {'a directory' if os.path.isdir(path) else 'no such file'}; "
+                             f"valid: image files")
 
 
 def check_sops_checkpoint(args, ckpt, config) -> tuple[int, int]:

@@ -34,18 +34,23 @@ def test_vit_flops_match_torch_flop_counter(monkeypatch):
 
 def test_model_flops_per_image_composition():
     cfg = train.parse_config(["--preset", "cifar", "--local_crops_number", "0"])
-    D, P = 384, 64
-    global_crop = 2 * P * 3 * 16 * D + bench.vit_flops_per_image(D, 12, 1 + P) + \
-        bench.head_flops_per_token(D, 2048, 256) * (1 + P)
-    assert bench.model_flops_per_image(cfg) == 2 * global_crop + 3 * 2 * global_crop
+    D, P, head = 384, 64, bench.head_flops_per_token(384, 2048, 256)
+    backbone = 2 * P * 3 * 16 * D + bench.vit_flops_per_image(D, 12, 1 + P)
+    masked = 0.15 * P  # pred_ratio (0, 0.3): a mean of 15 % of the patches masked
+    student_crop = backbone + int(head * (1 + masked))  # [CLS] and the masked patches
+    teacher_crop = backbone + int(head * (1 + masked + 0.5))  # and one patch per image (2 crops) for the memory
+    assert bench.model_flops_per_image(cfg) == 2 * teacher_crop + 3 * 2 * student_crop
+    ibot = train.parse_config(["--preset", "cifar", "--local_crops_number", "0", "--method", "ibot"])
+    assert bench.model_flops_per_image(ibot) == 2 * (backbone + head * (1 + P)) + 3 * 2 * student_crop  # c2: all
 
 
 def test_model_flops_count_patch_tokens_in_the_head_only_when_a_loss_reads_them():
     flags = ["--preset", "cifar", "--local_crops_number", "0"]
-    saved = (2 + 3 * 2) * bench.head_flops_per_token(384, 2048, 256) * 64  # teacher + 3 x student on 2 crops of 64
+    backbone = 2 * 64 * 3 * 16 * 384 + bench.vit_flops_per_image(384, 12, 65)
+    cls_only = (2 + 3 * 2) * (backbone + bench.head_flops_per_token(384, 2048, 256))  # [CLS] alone in the head
     for method_flags in (["--patch_loss_weight", "0"], ["--method", "dino"]):
         cfg = train.parse_config(flags + method_flags)
-        assert bench.model_flops_per_image(cfg) == bench.model_flops_per_image(train.parse_config(flags)) - saved
+        assert bench.model_flops_per_image(cfg) == cls_only < bench.model_flops_per_image(train.parse_config(flags))
 
 
 def test_bench_runs_on_cpu():

@@ -134,3 +134,27 @@ def test_torchrun_two_processes_give_the_single_process_numbers(tiny_run, tmp_pa
     assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-2000:]
     lines = [line for line in single.stdout.splitlines() if "-NN:" in line]
     assert len(lines) == 4 and [line for line in multi.stdout.splitlines() if "-NN:" in line] == lines  # printed once
+
+
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0.01"], "error: --temperature 0.01: must be a finite number >= 0.015 (below it the vote "),
+    (["--temperature", "inf"], "error: --temperature inf: must be a finite number >= 0.015"),
+    (["--patch_size", "0"], "error: --patch_size 0: valid: 1 to 4096"),
+    (["--image_size", "100000"], "error: --image_size 100000: valid: 1 to 4096"),
+    (["--num_workers=-1"], "error: --num_workers -1: must be >= 0"),
+])
+def test_bad_knn_flags_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as excinfo:
+        eval_knn.main(["--pixels", "--dataset", "synthetic", "--synthetic_size", "100", "--device", "cpu"] + flags)
+    assert str(excinfo.value).startswith(message) and "\n" not in str(excinfo.value)
+
+
+def test_dump_features_below_a_file_is_refused_before_any_compute(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as excinfo:
+        eval_knn.main(["--pixels", "--dataset", "synthetic", "--device", "cpu", "--dump_features",
+                       str(tmp_path / "file" / "features")])
+    assert str(excinfo.value) == f"error: --dump_features {tmp_path / 'file' / 'features'}: cannot be created or " \
+                                 f"written here"

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import data
 import eval_knn
 import eval_linear
+import eval_retrieval
+from conftest import run_single_and_torchrun
 from model import build_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,7 +227,8 @@ def test_cli_on_a_training_checkpoint_and_augment(tiny_run, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert result["solver"] == "lbfgs" and 0 <= result["top1"] <= 100 and result["l2"] in (1e-2, 1e-3)
     assert lines[-1] == f"linear top-1 {result['top1']:.2f} %" and lines[-2].startswith("solve time ")
-    assert "<- selected on held-out" in lines[1 + result["selected"]] and lines[-3].startswith("refit on the whole")
+    assert "<- selected on held-out" in lines[1 + result["selected"]]
+    assert lines[-3].startswith("refit on every training image used")
     result = eval_linear.main(["--pixels", "--dataset", "synthetic", "--synthetic_size", "200", "--device", "cpu",
                                "--augment", "--epochs", "2", "--batch_size", "64", "--lrs", "0.1"])
     assert 0 <= result["top1"] <= 100
@@ -258,6 +261,25 @@ def test_checkpoint_key_reaches_the_loader(tiny_run, monkeypatch):
     (["--lrs", "0.1"], "error: --lrs: not a flag of --solver lbfgs; its flags are --l2/--tol/--max_iter/"),
     (["--solver", "sgd", "--l2", "1e-3"], "error: --l2: not a flag of --solver sgd; its flags are --lrs/"),
     (["--augment", "--tol", "1e-3"], "error: --tol: not a flag of --solver sgd (--augment); its flags are --lrs/"),
+    (["--train_fraction", "0"], "error: --train_fraction 0.0: valid: 0 < fraction <= 1"),
+    (["--train_fraction=-0.1"], "error: --train_fraction -0.1: valid: 0 < fraction <= 1"),
+    (["--train_fraction", "1.5"], "error: --train_fraction 1.5: valid: 0 < fraction <= 1"),
+    (["--train_fraction", "nan"], "error: --train_fraction nan: valid: 0 < fraction <= 1"),
+    (["--train_fraction", "0.01"], "error: --train_fraction 0.01: its 10 training images leave class "),
+    (["--synthetic_size", "10"], "error: --val_fraction 0.1: holding out 1 of the 10 training images leaves class "),
+    (["--seed=-1"], "error: --seed -1: valid: 0 to 2^63 - 1"),
+    (["--seed", str(2 ** 63)], f"error: --seed {2 ** 63}: valid: 0 to 2^63 - 1"),
+    (["--num_workers=-1"], "error: --num_workers -1: must be >= 0"),
+    (["--image_size", "0"], "error: --image_size 0: valid: 1 to 4096"),
+    (["--image_size", "100000"], "error: --image_size 100000: valid: 1 to 4096"),
+    (["--synthetic_size", "0"], "error: --synthetic_size 0: valid: 1 to 1000000"),
+    (["--synthetic_size", "100000000"], "error: --synthetic_size 100000000: valid: 1 to 1000000"),
+    (["--interpolate_offset=-1"], "error: --interpolate_offset -1.0: valid: 0 <= offset < 1"),
+    (["--interpolate_offset", "nan"], "error: --interpolate_offset nan: valid: 0 <= offset < 1"),
+    (["--patch_size", "0"], "error: --patch_size 0: valid: 1 to 4096"),
+    (["--extract_batch_size=-3"], "error: --extract_batch_size -3: must be a positive integer"),
+    (["--augment", "--epochs", "0"], "error: --epochs 0: must be a positive integer"),
+    (["--solver", "sgd", "--weight_decays", "nan"], "error: --weight_decays [nan]: every value must be >= 0 and"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message):
     argv = ["--pixels", "--dataset", "synthetic", "--synthetic_size", "100", "--device", "cpu"] + flags
@@ -286,3 +308,72 @@ def test_augment_on_an_image_folder_crops_whole_images_from_their_canvases(tmp_p
                                          weight_decays=(0.0,), batch_size=4, augment_epochs=2, augment_set=canvases,
                                          val_fraction=0.25)
     assert 0 <= result["top1"] <= 100 and math.isfinite(result["val_top1"][0])
+
+
+def wrong_kind_file(tmp_path, kind: str) -> str:
+    """A path that is no checkpoint: missing, empty, text, a directory, or a torch file without a state dict."""
+    path = tmp_path / f"{kind}.pth"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, message", [("missing", "no such file"),
+                                           ("empty", "not a file written by torch.save"),
+                                           ("text", "not a file written by torch.save"),
+                                           ("directory", "is a directory, not a checkpoint file"),
+                                           ("tensor", "no state dict of tensors found")])
+@pytest.mark.parametrize("script", [eval_linear, eval_retrieval])
+def test_wrong_kind_checkpoint_files_are_one_line_errors(tmp_path, kind, message, script):
+    path = wrong_kind_file(tmp_path, kind)
+    with pytest.raises(SystemExit) as excinfo:
+        script.main(["--checkpoint", path, "--device", "cpu"])
+    assert str(excinfo.value).startswith(f"error: --checkpoint {path}: {message}")
+    assert "\n" not in str(excinfo.value)
+
+
+def test_checkpoint_flag_errors_name_the_backbone(tiny_run):
+    checkpoint = str(tiny_run[0] / "checkpoint.pth")  # patch 4, 2 blocks
+    for flags, message in ((["--image_size", "6"], "error: --image_size 6: must be a multiple of the patch size 4"),
+                           (["--n_last_blocks", "3"], "error: --n_last_blocks 3: the backbone has 2 blocks")):
+        with pytest.raises(SystemExit) as excinfo:
+            eval_linear.main(["--checkpoint", checkpoint, "--device", "cpu"] + flags)
+        assert str(excinfo.value) == message
+
+
+def test_low_shot_probe_fits_the_eval_knn_subset_and_holds_out_from_it(tiny_run, capsys):
+    checkpoint = str(tiny_run[0] / "checkpoint.pth")
+    result = eval_linear.main(["--checkpoint", checkpoint, "--device", "cpu", "--train_fraction", "0.25",
+                               "--l2", "1e-2", "1e-4"])
+    # the reference: the probe on a training split that holds nothing but eval_knn's subset
+    backbone, image_size, _ = eval_knn.load_backbone(checkpoint)
+    train_set = data.load_dataset("synthetic", "data", "train", size=512, image_size=image_size, evaluation=True)
+    test_set = data.load_dataset("synthetic", "data", "test", image_size=image_size)
+    keep = eval_knn.low_shot_indices(train_set.labels, 0.25)
+    assert 0 < len(keep) < 512 / 3 and torch.bincount(train_set.labels[keep]).min() >= 12  # fixed, balanced
+    subset = data.ImageDataset(train_set.images[keep], train_set.labels[keep], train_set.num_classes)
+    expected = eval_linear.linear_evaluate(backbone, subset, test_set, torch.device("cpu"), n_last_blocks=2,
+                                           image_size=image_size, l2_strengths=(1e-2, 1e-4))
+    assert f"low-shot: {len(keep)} training images (0.25 of each class" in capsys.readouterr().out
+    assert result["n_train"] == expected["n_train"] == len(keep) and result["n_fit"] == expected["n_fit"]
+    assert result["top1"] == expected["top1"] and torch.equal(result["val_top1"], expected["val_top1"])
+    assert [p["objective"] for p in result["path"]] == [p["objective"] for p in expected["path"]]
+    full = eval_linear.main(["--checkpoint", checkpoint, "--device", "cpu", "--l2", "1e-2", "1e-4"])
+    assert full["n_train"] == 512 and full["path"][0]["objective"] != result["path"][0]["objective"]
+
+
+@pytest.mark.parametrize("flags", [["--l2", "1e-2", "1e-4", "--train_fraction", "0.5", "--extract_batch_size", "64"],
+                                   ["--augment", "--epochs", "2", "--lrs", "0.1", "1", "--weight_decays", "0",
+                                    "--batch_size", "64", "--extract_batch_size", "64"]])
+def test_torchrun_two_processes_print_the_single_process_numbers(tiny_run, flags):
+    checkpoint = str(tiny_run[0] / "checkpoint.pth")
+    single, multi = run_single_and_torchrun("eval_linear.py", ["--checkpoint", checkpoint, "--device", "cpu", *flags])
+    single = [line for line in single if not line.startswith("solve time")]  # a wall time
+    multi = [line for line in multi if not line.startswith("solve time")]
+    assert single[-1].startswith("linear top-1") and multi == single  # the same numbers, printed once

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data
 import eval_retrieval
+from conftest import run_single_and_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,3 +165,99 @@ def test_cli_oxford_errors_are_one_line(tiny_run, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip().startswith("error: --dataset 'imagenet9': unknown")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def write_random_oxford_like(root, n_db: int = 24, n_queries: int = 6, seed: int = 0):
+    """A revisited-Oxford folder of noise images of random sizes, with random easy/hard/junk lists per query."""
+    from PIL import Image
+    generator = np.random.default_rng(seed)
+    (root / "jpg").mkdir(parents=True)
+    names = [f"d{i}" for i in range(n_db)] + [f"q{i}" for i in range(n_queries)]
+    for name in names:
+        h, w = generator.integers(12, 40, size=2)
+        Image.fromarray(generator.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "jpg" / f"{name}.jpg",
+                                                                                     format="PNG")
+    gnd = []
+    for _ in range(n_queries):
+        order = generator.permutation(n_db)
+        gnd.append(dict(easy=order[:4], hard=order[4:7], junk=order[7:9], bbx=[0, 0, 10, 10]))
+    (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(dict(imlist=names[:n_db], qimlist=names[n_db:], gnd=gnd)))
+
+
+@pytest.mark.parametrize("oxford", [False, True])
+def test_torchrun_two_processes_print_the_single_process_numbers(tiny_run, tmp_path, oxford):
+    flags = ["--checkpoint", str(tiny_run[0] / "checkpoint.pth"), "--device", "cpu", "--batch_size", "64"]
+    if oxford:
+        write_random_oxford_like(tmp_path)
+        flags += ["--dataset", "roxford5k", "--data_path", str(tmp_path), "--imsize", "32", "--multiscale"]
+    lines, multi = run_single_and_torchrun("eval_retrieval.py", flags)
+    assert len(lines) == (1 if oxford else 2) and "mAP" in lines[-1]
+    assert multi == lines  # the same numbers, printed once
+
+
+def test_oxford_features_are_the_same_whichever_rank_embeds_them(tmp_path, monkeypatch):
+    """embed_images fills its rows in [rank::world] shards; the shards of two ranks add up to the whole."""
+    import torch.distributed as dist
+    write_random_oxford_like(tmp_path, n_db=7, n_queries=1)
+    paths = sorted((tmp_path / "jpg").glob("d*.jpg"))
+    args = (MeanColour(), paths, [None] * len(paths), torch.device("cpu"), 16, (1.0,))
+    whole = eval_retrieval.embed_images(*args)
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_reduce", lambda tensor: None)  # this rank's part only
+        shards.append(eval_retrieval.embed_images(*args))
+    assert (shards[0][1::2] == 0).all() and (shards[1][0::2] == 0).all()
+    assert torch.equal(shards[0] + shards[1], whole) and (whole.norm(dim=1) > 0.99).all()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--imsize", "0"], "error: --imsize 0: valid: 1 to 4096"),
+    (["--imsize", "100000"], "error: --imsize 100000: valid: 1 to 4096"),
+    (["--batch_size=-1"], "error: --batch_size -1: must be a positive integer"),
+    (["--num_workers=-1"], "error: --num_workers -1: must be >= 0"),
+    (["--image_size", "0"], "error: --image_size 0: valid: 1 to 4096"),
+    (["--image_size", "100000"], "error: --image_size 100000: valid: 1 to 4096"),
+    (["--synthetic_size", "0"], "error: --synthetic_size 0: valid: 1 to 1000000"),
+    (["--synthetic_size", "100000000"], "error: --synthetic_size 100000000: valid: 1 to 1000000"),
+    (["--interpolate_offset", "nan"], "error: --interpolate_offset nan: valid: 0 <= offset < 1"),
+    (["--patch_size=-4"], "error: --patch_size -4: valid: 1 to 4096"),
+    (["--dataset", "folder", "--data_path", "/nonexistent"], "error: dataset 'folder' needs the directory "),
+])
+def test_bad_flags_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit) as excinfo:
+        eval_retrieval.main(["--pixels", "--dataset", "synthetic", "--synthetic_size", "100", "--device", "cpu"]
+                            + flags)
+    assert str(excinfo.value).startswith(message) and "\n" not in str(excinfo.value)
+
+
+def test_checkpoint_and_oxford_file_errors_are_one_line(tiny_run, tmp_path):
+    checkpoint = ["--checkpoint", str(tiny_run[0] / "checkpoint.pth"), "--device", "cpu"]
+    empty = dict(imlist=[], qimlist=[], gnd=[])
+    write_oxford_like(tmp_path / "empty", pickle.dumps(empty))
+    write_oxford_like(tmp_path / "absent")
+    (tmp_path / "absent" / "jpg" / "d3.jpg").unlink()
+    write_oxford_like(tmp_path / "blank")
+    (tmp_path / "blank" / "gnd_roxford5k.pkl").write_bytes(b"")
+    write_oxford_like(tmp_path / "broken")
+    (tmp_path / "broken" / "jpg" / "d2.jpg").write_bytes(b"not an image")
+    for flags, message in (
+            (["--image_size", "6"], "error: --image_size 6: must be a multiple of the patch size 4"),
+            (["--dataset", "roxford5k", "--data_path", str(tmp_path / "empty")],
+             "error: " + str(tmp_path / "empty" / "gnd_roxford5k.pkl") + ": 'imlist' and 'qimlist' must name at "
+             "least one image each (got 0 and 0)"),
+            (["--dataset", "roxford5k", "--data_path", str(tmp_path / "absent")],
+             "error: " + str(tmp_path / "absent" / "jpg") + " lacks 1 of the images gnd_roxford5k.pkl names, "
+             "e.g. d3.jpg"),
+            (["--dataset", "roxford5k", "--data_path", str(tmp_path / "blank")],
+             "error: cannot read " + str(tmp_path / "blank" / "gnd_roxford5k.pkl")),
+            (["--dataset", "roxford5k", "--data_path", str(tmp_path / "broken"), "--imsize", "8", "--multiscale"],
+             "error: image " + str(tmp_path / "broken" / "jpg" / "d0.jpg") + " is 8 x 6 px at --imsize 8: its "
+             "shorter side at scale 0.5 is below the patch size 4; use a larger --imsize"),
+            (["--dataset", "roxford5k", "--data_path", str(tmp_path / "broken")],
+             "error: cannot read image " + str(tmp_path / "broken" / "jpg" / "d2.jpg"))):
+        with pytest.raises(SystemExit) as excinfo:
+            eval_retrieval.main(checkpoint + flags)
+        assert str(excinfo.value).startswith(message) and "\n" not in str(excinfo.value), str(excinfo.value)

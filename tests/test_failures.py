@@ -15,7 +15,7 @@ import torch
 
 import eval_knn
 import train
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = TINY + ["--knn_every", "0"]
@@ -33,14 +33,6 @@ def flip_a_tensor_byte(path):
     raw = bytearray(open(path, "rb").read())
     raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 0x10
     open(path, "wb").write(bytes(raw))
-
-
-def one_line_error(flags, match):
-    with pytest.raises(SystemExit) as info:
-        train.main(flags)
-    text = str(info.value)
-    assert text.startswith("error: ") and "\n" not in text and match in text, text
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- non-finite state
@@ -79,6 +71,16 @@ def test_a_diverged_last_update_is_never_saved_and_the_previous_checkpoint_stays
     (["--synthetic_size", "1e12"], "invalid int value: '1e12'"),
     (["--resume_changes", "maybe"], "--resume_changes 'maybe': valid: refuse, ok"),
     (["--interpolate_offset", "-0.1"], "--interpolate_offset -0.1"),
+    # huge sizes: they used to fail allocating (or building for hours) with a traceback
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: valid: at most 9223372036854775807"),
+    (["--class_memory_size", "1000000000000"], "--class_memory_size 1000000000000: valid: at most 16777216"),
+    (["--head_hidden_dim", "1000000000"], "--head_hidden_dim 1000000000: valid: at most 65536"),
+    (["--global_crops_size", "1000000"], "--global_crops_size 1000000: valid: at most 4096"),
+    (["--local_crops_number", "100000"], "--local_crops_number 100000: valid: at most 64"),
+    (["--depth", "100000"], "--depth 100000: valid: at most 128"),
+    (["--class_draws", "100000"], "--class_draws 100000: valid: at most 64"),
+    (["--num_workers", "100000"], "--num_workers 100000: valid: at most 256"),
+    (["--cls_loss_weight", "-1"], "--cls_loss_weight -1.0: must be >= 0"),
 ])
 def test_flags_that_used_to_end_in_tracebacks(flags, match):
     one_line_error(TINY + flags, match)
@@ -133,7 +135,7 @@ def test_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
     train.main(QUIET + ["--output_dir", out, "--max_steps", "1", "--log_every", "2"])
     trainer = train.main(QUIET + ["--output_dir", out, "--lr", "2e-3", "--resume_changes", "ok", "--max_steps", "1"])
     assert trainer.step == 7
-    assert read_log(out)[-2]["resume_changes"] == {"lr": [1e-3, 2e-3]}
+    assert [r for r in read_log(out) if "resume_changes" in r][-1]["resume_changes"] == {"lr": [1e-3, 2e-3]}
 
 
 def test_a_full_disk_leaves_no_temp_file_and_says_so(tmp_path, monkeypatch):
@@ -201,8 +203,8 @@ def test_sigterm_on_the_command_line_saves_and_exits_with_the_preempted_status(t
 # ---------------------------------------------------------------------------------------------- evaluation inputs
 @pytest.mark.parametrize("flags,match", [
     (["--batch_size", "0"], "--batch_size 0: must be > 0"),
-    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
-    (["--image_size", "-8"], "--image_size -8: must be > 0"),
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number >= 0.015"),
+    (["--image_size", "-8"], "--image_size -8: valid: 1 to 4096"),
 ])
 def test_eval_knn_flag_errors(tiny_run, flags, match):
     with pytest.raises(SystemExit, match=match):
@@ -302,11 +304,47 @@ def test_every_script_refuses_a_text_file_as_checkpoint_in_one_line(tmp_path, sc
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("flags,match", [(["--steps", "0"], "--steps 0: must be >= 1"),
-                                         (["--count", "--count_batch", "0"], "--count_batch 0: must be >= 1"),
-                                         (["--peak_tflops", "-5"], "--peak_tflops -5.0: must be > 0")])
-def test_bench_flags_fail_in_one_line(flags, match, capsys):
-    import bench
-    with pytest.raises(SystemExit):
-        bench.main(["--configs", "cpu_demo", *flags])
-    assert match in capsys.readouterr().err
+@pytest.mark.parametrize("script,args,match", [
+    ("bench", ["--configs", "cpu_demo", "--steps", "0"], "--steps 0: must be >= 1"),
+    ("bench", ["--configs", "cpu_demo", "--steps", "100000000000"], "--steps 100000000000: valid: 1 to 10000"),
+    ("bench", ["--configs", "cpu_demo", "--count", "--count_batch", "0"], "--count_batch 0: must be >= 1"),
+    ("bench", ["--configs", "cpu_demo", "--count", "--count_batch", "10000000"], "--count_batch 10000000: valid"),
+    ("bench", ["--configs", "cpu_demo", "--peak_tflops", "-5"], "--peak_tflops -5.0: must be > 0"),
+    ("bench", ["--configs", "cpu_demo", "--peak_tflops", "inf"], "--peak_tflops inf: must be finite"),
+    ("bench", ["--configs", "cpu_demo", "--json", "TMP"], "--json TMP: is a directory"),
+    ("bench", ["--configs", "cpu_demo", "--json", "TMP/no/x.json"], "directory TMP/no does not exist"),
+    ("bench", ["--custom", "x=--class_memory_size 1000000000000"], "configuration x: --class_memory_size"),
+    ("bench_data", ["--num_images", "0"], "--num_images 0: valid: 1 to 20000"),
+    ("bench_data", ["--num_images", "100000000000"], "--num_images 100000000000: valid: 1 to 20000"),
+    ("bench_data", ["--batch", "-1"], "--batch -1: valid: 1 to 4096"),
+    ("bench_data", ["--steps", "0"], "--steps 0: valid: 1 to 10000"),
+    ("bench_data", ["--json", "TMP"], "--json TMP: is a directory"),
+    ("visualize", ["attention", "--checkpoint", "TMP/c.pth", "--out", "TMP/d.png"], "--out TMP/d.png: is a directory"),
+    ("visualize", ["attention", "--checkpoint", "TMP/c.pth", "--out", "TMP/o.png", "--patch_size", "0"],
+     "--patch_size 0: valid: 1 to 4096"),
+    ("visualize", ["attention", "--checkpoint", "TMP/c.pth", "--out", "TMP/o.png", "--seed", "-1"],
+     "--seed -1: valid: 0 to"),
+    ("visualize", ["attention", "--checkpoint", "TMP/c.pth", "--out", "TMP/o.png", "--seed", str(10 ** 30)],
+     f"--seed {10 ** 30}: valid: 0 to"),
+    ("visualize", ["neighbors", "--checkpoint", "TMP/c.pth", "--out", "TMP/o.png", "--num_workers", "-2"],
+     "--num_workers -2: valid: 0 to 256"),
+    ("visualize", ["attention", "--checkpoint", "TMP/c.pth", "--out", "TMP/o.png", "--images", "TMP"],
+     "--images TMP: a directory"),
+    ("plot_knn", ["TMP/log.jsonl", "--out", "TMP"], "--out TMP: is a directory"),
+    ("plot_knn", ["TMP/log.jsonl", "--out", "TMP/no/knn.png"], "directory TMP/no does not exist"),
+    ("plot_knn", ["TMP/log.jsonl", "--out", "TMP/knn.txt"], "--out TMP/knn.txt: unknown format; valid: a .png"),
+    ("hubconf", ["--checkpoint", "TMP/c.pth", "--out", "TMP"], "--out TMP: is a directory"),
+    ("hubconf", ["--checkpoint", "TMP/c.pth", "--out", "TMP/b.pth", "--patch_size", "0"], "--patch_size 0: valid"),
+    ("hubconf", ["--checkpoint", "TMP/c.pth", "--out", "TMP/b.pth", "--patch_size", "-16"], "--patch_size -16"),
+])
+def test_script_flags_fail_in_one_line_before_anything_is_read(tmp_path, capsys, script, args, match):
+    """Zero, negative and huge values, and output paths that are directories or in missing directories: one line
+    naming the flag, before any file is read (the checkpoint and the log named here do not exist) or any compute.
+    bench.py reports through its argument parser (the line on stderr, exit status 2), the others in SystemExit."""
+    import importlib
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(script).main([a.replace("TMP", str(tmp_path)) for a in args])
+    message = str(info.value) if isinstance(info.value.code, str) else capsys.readouterr().err.removesuffix("\n")
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert match.replace("TMP", str(tmp_path)) in message, message

@@ -6,6 +6,14 @@ import torch.nn.functional as F
 
 from losses import cross_entropy, sop_loss, sop_mim_loss
 from memory import MemoryBank
+from model import masked_tokens, token_budget
+
+
+def mim_on_grid(student, teacher, masks, budget=None):
+    """sop_mim_loss of whole (2B, P, M) grids, at their masked tokens (as the networks embed them) padded to
+    budget (default: exactly the masked ones)."""
+    tokens = masked_tokens(masks, int(masks.sum()) if budget is None else budget)
+    return sop_mim_loss(student.flatten(0, 1)[tokens.index], teacher.flatten(0, 1)[tokens.index], tokens)
 
 
 def simplex(*shape):
@@ -47,7 +55,23 @@ def test_mim_loss_matches_loop_reference():
     masks = torch.rand(2 * B, P) < 0.4
     masks[1] = False  # an image without a mask contributes 0 and still counts
     masks[2] = True
-    torch.testing.assert_close(sop_mim_loss(student, teacher, masks), reference_mim_loss(student, teacher, masks))
+    reference = reference_mim_loss(student, teacher, masks)
+    torch.testing.assert_close(mim_on_grid(student, teacher, masks), reference)
+    torch.testing.assert_close(mim_on_grid(student, teacher, masks, budget=2 * B * P), reference)  # padded
+
+
+def test_masked_tokens_and_their_budget():
+    masks = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    tokens = masked_tokens(masks, 5)
+    assert tokens.index.tolist()[:3] == [1, 3, 4] and tokens.valid.tolist() == [True] * 3 + [False] * 2
+    assert tokens.crop.tolist()[:3] == [0, 0, 1] and len(set(tokens.index.tolist())) == 5  # padding: other tokens
+    epoch = torch.zeros(3, 8, 32, dtype=torch.bool)  # 3 steps of 8 crops x 32 patches: buckets of 8 tokens
+    epoch[0, :, :2], epoch[1, :, :3] = True, True  # 16 and 24 masked tokens
+    epoch[2, 0, :] = True  # 32
+    assert token_budget(epoch) == 32
+    epoch[2, 1, 0] = True  # 33: the next bucket
+    assert token_budget(epoch) == 40
+    assert token_budget(torch.ones(1, 2, 3, dtype=torch.bool)) == 6 and token_budget(epoch[:, :, :0]) == 0
 
 
 def test_cross_entropy_clamps_zero_probabilities():
@@ -68,8 +92,8 @@ def test_losses_are_about_log_m_for_random_embeddings():
     psops = bank.draw(512, 0, 0.1, torch.Generator().manual_seed(1))
     s_patch = F.normalize(torch.randn(2 * B, 9, d), dim=-1)
     t_patch = F.normalize(torch.randn(2 * B, 9, d), dim=-1)
-    mim = sop_mim_loss(psops.probabilities(s_patch, 0.1), psops.probabilities(t_patch, 0.04),
-                       torch.ones(2 * B, 9, dtype=torch.bool))
+    mim = mim_on_grid(psops.probabilities(s_patch, 0.1), psops.probabilities(t_patch, 0.04),
+                      torch.ones(2 * B, 9, dtype=torch.bool))
     assert mim.item() == pytest.approx(math.log(512), rel=0.05)  # sharper teacher over 512 SOPs: a bit above
 
 
@@ -86,21 +110,20 @@ def test_no_gradient_reaches_teacher_or_memory():
     assert bank.memory.grad is None and not bank.memory.requires_grad
 
 
-def test_mim_loss_ignores_unmasked_student_patches():
+def test_mim_loss_ignores_padding_tokens():
     torch.manual_seed(0)
     bank = MemoryBank(128, 16)
     sops = bank.draw(16, 0, 0.1, torch.Generator().manual_seed(0))
     B, P = 2, 6
     masks = torch.rand(2 * B, P) < 0.5
-    student = F.normalize(torch.randn(2 * B, P, 16), dim=-1)
-    teacher = sops.probabilities(F.normalize(torch.randn(2 * B, P, 16), dim=-1), 0.04)
-    changed = torch.where(masks.unsqueeze(-1), student, F.normalize(torch.randn(2 * B, P, 16), dim=-1))
-    a = sop_mim_loss(sops.probabilities(student, 0.1), teacher, masks)
-    b = sop_mim_loss(sops.probabilities(changed, 0.1), teacher, masks)
-    assert torch.equal(a, b)
-    # Changing a masked position does change it.
-    changed[masks] = F.normalize(torch.randn(int(masks.sum()), 16), dim=-1)
-    assert not torch.equal(a, sop_mim_loss(sops.probabilities(changed, 0.1), teacher, masks))
+    tokens = masked_tokens(masks, 2 * B * P)  # every token: the unmasked ones are padding
+    student = F.normalize(torch.randn(2 * B * P, 16), dim=-1)
+    teacher = sops.probabilities(F.normalize(torch.randn(2 * B * P, 16), dim=-1), 0.04)
+    changed = torch.where(tokens.valid.unsqueeze(-1), student, F.normalize(torch.randn(2 * B * P, 16), dim=-1))
+    a = sop_mim_loss(sops.probabilities(student, 0.1), teacher, tokens)
+    assert torch.equal(a, sop_mim_loss(sops.probabilities(changed, 0.1), teacher, tokens))
+    changed[tokens.valid] = F.normalize(torch.randn(int(masks.sum()), 16), dim=-1)  # a masked one does count
+    assert not torch.equal(a, sop_mim_loss(sops.probabilities(changed, 0.1), teacher, tokens))
 
 
 def test_both_losses_fall_on_a_fixed_batch():
@@ -121,7 +144,7 @@ def test_both_losses_fall_on_a_fixed_batch():
         s_cls = F.normalize(student(inputs), dim=1)
         s_patch = F.normalize(student(patch_inputs), dim=-1)
         l_cls = sop_loss(sops.probabilities(s_cls, 0.1), sops.probabilities(teacher_cls, 0.04))
-        l_pat = sop_mim_loss(psops.probabilities(s_patch, 0.1), psops.probabilities(teacher_patch, 0.04), masks)
+        l_pat = mim_on_grid(psops.probabilities(s_patch, 0.1), psops.probabilities(teacher_patch, 0.04), masks)
         history.append((l_cls.item(), l_pat.item()))
         opt.zero_grad()
         (l_cls + l_pat).backward()

@@ -72,12 +72,29 @@ def test_state_dict_round_trip():
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.memory, bank.memory) and other.ptr.item() == bank.ptr.item() == 5
     assert torch.equal(other.index, bank.index) and other.index[:5].tolist() == [7, 8, 9, 10, 11]
-    assert set(bank.state_dict()) == {"memory", "index", "ptr"}
+    assert torch.equal(other.written_at, bank.written_at) and other.enqueues.item() == bank.enqueues.item()
+    assert set(bank.state_dict()) == {"memory", "index", "ptr", "enqueues", "written_at"}
+
+
+def test_ages_and_support_stats_follow_the_fifo():
+    bank = MemoryBank(10, 3)
+    for i in range(4):  # rows 0-3, 4-7, 8-9 + 0-1 (wrap), 2-5
+        bank.enqueue(F.normalize(torch.randn(4, 3), dim=1))
+    assert bank.enqueues.item() == 4
+    # Ages now (steps since written): rows 2-5 by the last enqueue, 0-1 and 8-9 by the third, 6-7 by the second
+    assert bank.age(torch.arange(10)).tolist() == [2, 2, 1, 1, 1, 1, 3, 3, 2, 2]
+    assert MemoryBank(10, 3).age(torch.arange(3)).tolist() == [1, 1, 1]  # random start: enqueues + 1
+    sops = bank.draw(3, 2, 0.1, generator(0))
+    stats = bank.support_stats(sops)
+    assert stats["se_distinct_rows"].item() == len(set(sops.rows.flatten().tolist()))
+    torch.testing.assert_close(stats["se_cosine"], sops.weights[:, 1:].mean())
+    torch.testing.assert_close(stats["se_age"], bank.age(sops.rows).float().mean())
+    assert bank.support_stats(bank.draw(3, 0, 0.1, generator(0)))["se_cosine"].item() == 0.0
 
 
 def test_state_dict_without_index_loads_with_unknown_sources():
     bank = filled_bank()
-    old = {k: v for k, v in bank.state_dict().items() if k != "index"}  # a checkpoint from before the buffer
+    old = {k: v for k, v in bank.state_dict().items() if k not in ("index", "enqueues", "written_at")}  # older
     other = MemoryBank(64, 16)
     other.index.fill_(3)
     other.load_state_dict(old)

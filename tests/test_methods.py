@@ -15,6 +15,7 @@ import train
 from conftest import TINY
 from memory import all_gather_rows
 from model import NetworkOutput as Out
+from model import masked_tokens
 
 SIZES = {"num_prototypes": "64", "partition_size": "16"}
 
@@ -74,10 +75,12 @@ def test_ibot_and_dino_losses_match_loop_reference():
     ibot = methods.IBOT(cfg)
     ibot.centers.cls.normal_()
     ibot.centers.patch.normal_()
-    out = ibot.loss(Out(None, None, s_cls, s_patch), Out(None, None, t_cls, t_patch), masks, 0.05, None)
+    tokens = masked_tokens(masks, 2 * B * P)  # padded with every unmasked token: they must count nothing
+    out = ibot.loss(Out(None, None, s_cls, s_patch.flatten(0, 1)[tokens.index]),
+                    Out(None, None, t_cls, t_patch.flatten(0, 1)), tokens, 0.05, None)  # the teacher: every patch
     ref = reference_ibot(s_cls, s_patch, t_cls, t_patch, masks, ibot.centers.cls, ibot.centers.patch, 0.1, 0.05, B,
                          0.7, 1.3)
-    for a, b in zip(out[:3], ref):
+    for a, b in zip((out[0], out[1]["loss_cls"], out[1]["loss_patch"]), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     dino = methods.DINO(train.Config(method="dino", num_prototypes=K))
@@ -120,8 +123,9 @@ def test_carp_loss_matches_loop_reference(cosine):
     B, V, K, NB = 2, 3, 12, 4
     cfg = train.Config(method="carp", num_prototypes=K, partition_size=NB, carp_cosine=cosine)
     s, t = torch.randn(V * B, K), torch.randn(2 * B, K)
-    loss, consistency = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
-                                               torch.Generator().manual_seed(5))[:2]
+    loss, stats = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
+                                               torch.Generator().manual_seed(5))
+    consistency = stats["loss_cls"]
     idx = methods.random_blocks(K, NB, torch.Generator().manual_seed(5))
     tau_s, tau_t = (0.1, 0.05) if cosine else (1.0, 1.0)
     eps = torch.finfo(torch.float32).eps
@@ -153,17 +157,19 @@ def test_losses_near_their_analytic_value_at_initialisation():
     for method in ("ibot", "dino"):  # near-uniform distributions over K prototypes: about log K
         m = methods.METHODS[method](train.Config(method=method, num_prototypes=K))
         logits_s, logits_t = layer(s), layer(t)
-        out = m.loss(Out(s, None, logits_s, logits_s[:2 * B, None]), Out(t, None, logits_t, logits_t[:, None]),
-                     torch.ones(2 * B, 1, dtype=torch.bool), 0.04, None)
-        assert out[1].item() == pytest.approx(math.log(K) + excess, rel=0.01), method
-        assert out[3][0].item() == pytest.approx(math.log(K), rel=0.03)  # entropy of the mean: far from collapse
-        assert out[3][1].item() <= out[3][0].item() + 1e-4  # the mean of the entropies is at most the mean's
+        out = m.loss(Out(s, None, logits_s, logits_s[:2 * B]), Out(t, None, logits_t, logits_t),
+                     masked_tokens(torch.ones(2 * B, 1, dtype=torch.bool), 2 * B), 0.04, None)
+        stats = out[1]
+        assert stats["loss_cls"].item() == pytest.approx(math.log(K) + excess, rel=0.01), method
+        assert stats["teacher_entropy"].item() == pytest.approx(math.log(K), rel=0.03)  # far from collapse
+        assert stats["teacher_image_entropy"].item() <= stats["teacher_entropy"].item() + 1e-4  # at most the mean's
     massl = methods.MaSSL(train.Config(method="massl", class_memory_size=K, partition_size=NB, bottleneck_dim=d))
     loss = massl.loss(Out(s, None), Out(t, None), None, 0.04, torch.Generator().manual_seed(0))[0]
     assert loss.item() == pytest.approx(math.log(NB) + excess, rel=0.01)  # within each block: about log NB
     carp = methods.CARP(train.Config(method="carp", num_prototypes=K, partition_size=NB))
-    loss, consistency = carp.loss(Out(s, None, layer(s), None), Out(t, None, layer(t), None), None, 0.04,
-                                  torch.Generator().manual_seed(0))[:2]
+    loss, stats = carp.loss(Out(s, None, layer(s), None), Out(t, None, layer(t), None), None, 0.04,
+                                  torch.Generator().manual_seed(0))
+    consistency = stats["loss_cls"]
     assert consistency.item() == pytest.approx(math.log(NB), rel=0.03)  # -log P(same prototype) ~ log NB
     assert 0 <= (loss - consistency).item() < 0.05  # uniformity: the batch mean is near uniform
 
@@ -205,8 +211,9 @@ def _worker(rank, port, out_dir):
     # CARP's uniformity gathers the rows of both ranks, with gradient (sthalles/carp modules/carp_loss.py)
     cfg = train.Config(method="carp", num_prototypes=8, partition_size=4)
     s, t = torch.randn(6, 8, requires_grad=True), torch.randn(4, 8)  # V = 3 student views, 2 teacher views, B = 2
-    loss, consistency = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
-                                               torch.Generator().manual_seed(0))[:2]
+    loss, stats = methods.CARP(cfg).loss(Out(None, None, s, None), Out(None, None, t, None), None, 0.05,
+                                               torch.Generator().manual_seed(0))
+    consistency = stats["loss_cls"]
     (loss - consistency).backward()
     # SOP's memories: embeddings and dataset indices of both ranks in one all_gather, indices bit for bit
     rows, index = torch.randn(4, 6), torch.arange(4) + 2 ** 53 + 3 + 10 * rank  # not exact as floats
@@ -255,7 +262,7 @@ def test_step_gradients_only_reach_the_student(method):
     assert len(protos) == (0 if method == "massl" else 1)
     before = [p.detach().clone() for p in protos]
     stats = trainer.train_step(images, 0)
-    assert stats.shape == (len(train.STATS),) and torch.isfinite(stats).all()
+    assert stats.shape == (len(trainer.stat_names),) and torch.isfinite(stats).all()
     assert all(p.grad is None for p in trainer.teacher.parameters())
     assert not any(b.requires_grad for b in trainer.method.buffers())
     frozen = method in ("ibot", "dino")
@@ -362,3 +369,53 @@ def test_resume_equals_uninterrupted(tmp_path, method):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+def test_distribution_stats_tell_the_two_collapses_apart():
+    M, n = 16, 32
+    s = torch.randn(2 * n, M).log_softmax(-1)
+    for name, q in (("one-hot", F.one_hot(torch.zeros(n, dtype=torch.long), M).float()),
+                    ("uniform", torch.full((n, M), 1.0 / M)),
+                    ("healthy", F.one_hot(torch.arange(n) % M, M).float() * 0.9 + 0.1 / M)):
+        ce = -(q.repeat(2, 1) * s).sum(-1).mean()
+        stats = methods.distribution_stats(q, ce)
+        kl = (q.repeat(2, 1) * (q.repeat(2, 1).clamp_min(1e-12).log() - s)).sum(-1).mean()  # KL(q || p) directly
+        torch.testing.assert_close(stats["kl_teacher_student"], kl, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats["effective_prototypes"], stats["teacher_entropy"].exp())
+        of_mean, per_image = stats["teacher_entropy"].item(), stats["teacher_image_entropy"].item()
+        if name == "one-hot":
+            assert of_mean < 1e-5 and per_image < 1e-5
+        elif name == "uniform":
+            assert of_mean == pytest.approx(math.log(M)) and per_image == pytest.approx(math.log(M))
+        else:
+            assert of_mean == pytest.approx(math.log(M), rel=1e-4) and per_image < 0.5 * of_mean
+
+
+def test_distinct_prototypes_merge_near_duplicates_only():
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(6, 32), dim=1)  # random directions in 32 dims: pairwise cosines far below 0.9
+    near = F.normalize(base[:2] + 0.05 * torch.randn(2, 32), dim=1)  # cosine ~0.96 to rows 0 and 1
+    far = F.normalize(base[2:3] + 0.8 * torch.randn(1, 32), dim=1)  # cosine ~0.6 to row 2: distinct
+    vectors = torch.cat((base, near, far, base[3:4]))  # 10 rows: two near-duplicates and one exact copy
+    assert methods.distinct_prototypes(vectors).item() == 7
+    assert methods.distinct_prototypes(vectors, chunk=3).item() == 7  # chunking changes nothing
+    assert methods.distinct_prototypes(vectors, threshold=0.999).item() == 9  # only the exact copy merges
+
+
+@pytest.mark.parametrize("method", ["sop", "ibot", "dino", "massl", "carp"])
+def test_every_method_logs_its_stats(method):
+    trainer = train.Trainer(config(method), torch.device("cpu"), 1, steps_per_epoch=4)
+    stats = dict(zip(trainer.stat_names, trainer.train_step(torch.randint(0, 256, (8, 3, 16, 16),
+                                                                          dtype=torch.uint8), 0).tolist()))
+    assert list(stats)[:3] == ["loss", "loss_cls", "loss_patch"] and list(stats)[-1] == "teacher_cls_std"
+    assert ("se_age" in stats) == (method in ("sop", "massl"))
+    assert stats["kl_teacher_student"] >= -1e-4  # a KL
+    cfg = trainer.cfg
+    targets = {"sop": cfg.class_anchors, "massl": cfg.partition_size, "carp": cfg.partition_size}
+    assert 1 <= stats["effective_prototypes"] <= targets.get(method, cfg.num_prototypes) * (1 + 1e-5)
+    if method == "sop":  # one draw over a memory of random rows, first step: every SE is as old as the run
+        assert stats["se_age"] == 1.0 and 0 < stats["se_distinct_rows"] <= trainer.cfg.class_anchors * (
+            trainer.cfg.class_neighbors + 1)
+    vectors = trainer.method.prototype_vectors(trainer.teacher)
+    assert 0 < methods.distinct_prototypes(vectors).item() <= vectors.shape[0]

@@ -61,8 +61,12 @@ def test_every_trainable_parameter_gets_a_finite_gradient():
     net = MultiCropWrapper(vit, ProjectionHead(48, 64, 16)).train()
     g, l = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
     mask = torch.rand(4, 64) < 0.3
-    cls, patch = net(g, mask, l)[:2]  # NetworkOutput.cls, .patch
-    assert cls.shape == (4 + 6, 16) and patch.shape == (4, 64, 16)
+    cls, patch = net(g, mask, l)[:2]  # NetworkOutput.cls, .patch: every patch token without an index
+    assert cls.shape == (4 + 6, 16) and patch.shape == (4 * 64, 16)
+    index = torch.tensor([5, 70, 255])
+    picked = net.eval()(g, mask, l, patch_index=index).patch  # (3, 16): the same tokens' embeddings, alone
+    torch.testing.assert_close(picked, net(g, mask, l).patch[index], rtol=1e-5, atol=1e-6)
+    net.train()
     (cls.square().sum() + patch.pow(3).sum()).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None, name
