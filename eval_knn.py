@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import read_checkpoint
+from launch import writable_dir
 from model import ARCHS, build_backbone
 
 KNN_KS = (10, 20, 100, 200)
@@ -283,7 +284,7 @@ def main(argv=None):
             raise SystemExit(f"error: --{name} {getattr(args, name)!r}: {valid}")
     if sum(map(bool, (args.checkpoint, args.pixels, args.load_features))) != 1:
         raise SystemExit("error: give exactly one of --checkpoint (--pretrained_weights), --pixels, --load_features")
-    if args.dump_features and not writable_folder(args.dump_features):  # now, not after the extraction
+    if args.dump_features and not writable_dir(args.dump_features):  # now, not after the extraction
         raise SystemExit(f"error: --dump_features {args.dump_features}: cannot be created or written here")
     device, rank = setup_distributed(args.device)
     try:
@@ -309,15 +310,6 @@ def main(argv=None):
     for k, (top1, top5) in result.items():
         print(f"{k}-NN: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
     return result
-
-
-def writable_folder(path: str) -> bool:
-    """Whether path is, or could be created as, a folder this process can write into: its nearest existing
-    ancestor must be a writable directory."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
 
 
 def read_features(folder: str) -> tuple:

@@ -192,7 +192,7 @@ def _validate_system(cfg) -> None:
     need(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "valid: auto, bf16, fp16, fp32")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     need(cfg.precision != "fp16" or cuda, "precision", "fp16 needs a CUDA device; valid on CPU: auto, bf16, fp32")
-    need(_writable_dir(cfg.output_dir), "output_dir", "cannot be created or written to (check its permissions)")
+    need(writable_dir(cfg.output_dir), "output_dir", "cannot be created or written to (check its permissions)")
     need(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None, "tensorboard",
          "needs the tensorboard package (pip install tensorboard); valid without it: false")
     try:
@@ -247,7 +247,7 @@ def check_run_length(cfg, num_train: int, world_size: int) -> None:
                          f"({num_train // global_batch} per epoch) is more than {MAX_STEPS}")
 
 
-def _writable_dir(path: str) -> bool:
+def writable_dir(path: str) -> bool:
     """Whether path is, or can be created as, a directory this process can write files into."""
     existing = next(p for p in [os.path.abspath(path), *Path(os.path.abspath(path)).parents] if os.path.exists(p))
     if os.path.abspath(existing) == os.path.abspath(path) and not os.path.isdir(path):
