@@ -16,8 +16,8 @@ import os
 
 def read_points(path: str, field: str = "knn_top1") -> tuple[str, list[tuple[float, float]]]:
     """(run name, [(minutes since the run began, value of field), ...]) from one log.jsonl, from its per-step
-    records when it has the field there, else from the epoch records; one-line errors for a missing file, a
-    folder or one that is not a train.py log."""
+    records when it has the field there, else from the epoch records; the name is the folder of a log.jsonl, else
+    the file's own name. One-line errors for a missing file, a folder or one that is not a train.py log."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: {'a directory, not a log file' if os.path.isdir(path) else 'no such file'}"
                          f" (train.py writes OUTPUT_DIR/log.jsonl)")
@@ -31,7 +31,8 @@ def read_points(path: str, field: str = "knn_top1") -> tuple[str, list[tuple[flo
     records = [r for r in records if field in r and "elapsed_s" in r and isinstance(r[field], (int, float))]
     steps = [r for r in records if r.get("kind") == "step"]
     points = [(r["elapsed_s"] / 60, r[field]) for r in (steps or records)]
-    return os.path.basename(os.path.dirname(os.path.abspath(path))), points
+    name = os.path.basename(path).removesuffix(".jsonl")  # runs/a/log.jsonl -> a; logs/sop-seed0.jsonl -> sop-seed0
+    return (os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "log" else name), points
 
 
 FORMATS = (".png", ".pdf", ".svg")  # what matplotlib's savefig writes without extra packages

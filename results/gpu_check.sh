@@ -7,7 +7,8 @@
 #   1. tests/test_cuda.py (bf16/fp16 steps, fp32 probabilities, the neighbour search, compile without recompiles),
 #      then the whole suite on this machine's torch;
 #   2. bench.py eager and compiled for imagenet_vit_s16, cifar_vit_s4, cifar_vit_t4, with the timm peer ratio;
-#   3. torch.profiler tables (top kernels, GPU-busy share) of the compiled ImageNet and CIFAR steps.
+#   3. torch.profiler tables (top kernels, GPU-busy share) of the compiled ImageNet and CIFAR steps;
+#   4. the neighbour search at the ImageNet draw, with and without the group-max prefilter (results/search_check.py).
 set -uo pipefail
 OUTDIR=${1:?usage: bash results/gpu_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -26,18 +27,19 @@ if [ -n "${DRY:-}" ]; then
   CONFIGS=(cpu_demo); PROFILE=(cpu_demo); STEPS=(--steps 3 --warmup 1); PEER=()
 else
   CONFIGS=(imagenet_vit_s16 cifar_vit_s4 cifar_vit_t4); PROFILE=(imagenet_vit_s16 cifar_vit_s4)
-  STEPS=(--steps 10 --warmup 3); PEER=(--peer)
+  STEPS=(--steps 10 --warmup 3); PEER=(--peer); REPEATS=10
 fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git log -1 --oneline 2>/dev/null; } > "$OUTDIR/machine.txt" 2>&1
 stage cuda_tests 120 python -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py
-stage suite 100 python -m pytest -q -x -rs -p no:cacheprovider tests --ignore tests/test_cuda.py
+stage suite 80 python -m pytest -q -x -rs -p no:cacheprovider tests --ignore tests/test_cuda.py
 stage bench_eager 80 python bench.py --configs "${CONFIGS[@]}" --compile false "${STEPS[@]}" \
   --json "$OUTDIR/bench_eager.json"
-stage bench_compiled 150 python bench.py --configs "${CONFIGS[@]}" --compile true "${STEPS[@]}" "${PEER[@]}" \
+stage bench_compiled 130 python bench.py --configs "${CONFIGS[@]}" --compile true "${STEPS[@]}" "${PEER[@]}" \
   --json "$OUTDIR/bench_compiled.json"
 for config in "${PROFILE[@]}"; do
   stage "profile_$config" 45 python bench.py --configs "$config" --compile true --steps 3 --warmup 2 --profile
 done
+stage search 40 python results/search_check.py --time --repeats "$REPEATS"
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUTDIR/summary.txt"

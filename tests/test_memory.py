@@ -259,5 +259,34 @@ def test_fast_search_finds_the_exact_neighbours_of_a_concentrated_memory(monkeyp
     monkeypatch.setattr("memory.SEARCH_CHUNK", 4096 * 100)  # several chunks of 100 queries
     fast = _nearest(queries, keys, k, fast=True)
     assert same(fast, exact) >= 0.99
-    scores = (queries.unsqueeze(1) * keys[fast]).sum(-1)  # most similar first
-    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    scores = (queries.double().unsqueeze(1) * keys[fast].double()).sum(-1)  # most similar first, up to fp32 rounding
+    assert (scores[:, :-1] >= scores[:, 1:] - 1e-6).all()
+
+
+@pytest.mark.parametrize("n", [1000, 4096 + 7, 20000])
+def test_group_max_prefilter_finds_the_topk_columns(n):
+    """_top_columns returns the columns of each row's largest scores, as topk does, with and without leftover
+    columns past the last whole group, and for rows too narrow for the prefilter."""
+    from memory import _top_columns
+
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(37, n, generator=g)
+    scores[:5, -3:] += 10  # some of the best columns in the leftover part (n mod group)
+    scores[5:9, :64] += 10  # and rows whose best columns crowd into two groups
+    for length in (1, 8, 64):
+        columns = _top_columns(scores, length, 32)
+        assert columns.shape == (37, length)
+        expected = scores.topk(length, dim=1).indices
+        assert torch.equal(columns.sort(1).values, expected.sort(1).values)
+
+
+def test_fast_search_with_the_prefilter_matches_the_exact_one(monkeypatch):
+    """A search pool wide enough for the prefilter (more than 2 x SHORTLIST groups) gives the same neighbours."""
+    from memory import _nearest
+
+    monkeypatch.setattr("memory.SHORTLIST", 16)
+    memory = concentrated_memory(6000, 32, seed=3)
+    queries, keys = memory[:200], memory[200:]  # 5800 keys: 181 groups of 32 > 2 x 16
+    exact = (queries.double() @ keys.double().T).topk(4, dim=1).indices
+    fast = _nearest(queries, keys, 4, fast=True)
+    assert (fast.sort(1).values == exact.sort(1).values).all(1).float().mean() >= 0.99

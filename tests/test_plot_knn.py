@@ -19,6 +19,9 @@ def test_table_and_png(tmp_path, capsys):
         {"epoch": 1, "step": 10, "loss": 6.1, "elapsed_s": 60.0},  # no k-NN this epoch: not a point
         {"epoch": 2, "step": 20, "loss": 6.0, "knn_top1": 42.5, "elapsed_s": 150.0}])
     assert plot_knn.read_points(log) == ("run_a", [(0.1, 20.0), (2.5, 42.5)])
+    renamed = tmp_path / "sop-seed0.jsonl"  # a log copied under results/: named by its file
+    renamed.write_text(open(log).read())
+    assert plot_knn.read_points(str(renamed))[0] == "sop-seed0"
     pytest.importorskip("matplotlib")
     out = tmp_path / "knn.png"
     plot_knn.main([log, "--out", str(out)])
