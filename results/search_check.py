@@ -19,12 +19,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
 import losses  # noqa: E402
 import memory  # noqa: E402
 
@@ -74,17 +74,8 @@ def check_rerank(path: str, seed: int) -> dict:
 
 
 def best_ms(fn, device: torch.device, repeats: int) -> float:
-    """Fastest of `repeats` timed calls of fn after 2 untimed ones, in ms, synchronised on a GPU."""
-    seconds = []
-    for _ in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return round(1000 * min(seconds[2:]), 3)
+    """Fastest of `repeats` timed calls of fn after 2 untimed ones, in ms (bench.timed: synchronised on a GPU)."""
+    return round(1000 * min(bench.timed(fn, repeats + 2, device)[2:]), 3)
 
 
 def time_search(device: torch.device, repeats: int) -> dict:

@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BEFORE=${1:-6f0c386}
 ROUNDS=${ROUNDS:-4}
-[ -d /tmp/before_tree ] || git worktree add -f /tmp/before_tree "$BEFORE" > /dev/null
+git worktree remove --force /tmp/before_tree 2> /dev/null || true
+git worktree add -f /tmp/before_tree "$BEFORE" > /dev/null
+trap 'git worktree remove --force /tmp/before_tree' EXIT
 FLAGS=(--configs cpu_demo --custom "t4_b32=--preset cifar --arch vit_tiny --batch_size_per_gpu 32 --dataset synthetic"
        --compile false --steps 8 --warmup 2 --device cpu)
 echo "# ms per step (bench.py median of 8 after 2 warm-up), $BEFORE (before) and $(git rev-parse --short HEAD) (after),"
