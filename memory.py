@@ -144,10 +144,10 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, fast: bool | Non
     in fp32). fast (default: on CUDA) searches in bf16 and re-ranks in fp32: a trained memory is so concentrated
     that a neighbour's cosine differs from the next one's by ~1e-6, far below bf16's step of 2^-8 near 1, so
     bf16 scores alone miss the fp32 top k for most anchors (README, "Deviations", 7). Instead, each anchor's
-    SHORTLIST best keys are found from bf16 inputs with fp32 products and sums (keys centred first: q (key - mean) ranks keys like q key,
-    with smaller values and so smaller rounding; `_top_columns` finds them), and the k best of those by exact fp32
-    scores (one batched matrix-vector product; torch keeps TF32 off for fp32 matmuls unless a user turns it on)
-    are returned.
+    SHORTLIST best keys are found from bf16 inputs with fp32 products and sums (keys centred first: q (key - mean)
+    ranks keys like q key, with smaller values and so smaller rounding; `_top_columns` finds them), and the k best
+    of those by exact fp32 scores (one batched matrix-vector product; torch keeps TF32 off for fp32 matmuls unless
+    a user turns it on) are returned.
     """
     fast = keys.is_cuda if fast is None else fast
     rows = max(1, SEARCH_CHUNK // keys.shape[0])
