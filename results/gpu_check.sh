@@ -24,7 +24,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run, tee to OUTDIR/NAME.txt, note it
 }
 if [ -n "${DRY:-}" ]; then
   export SOP_TEST_DEVICE=cpu
-  CONFIGS=(cpu_demo); PROFILE=(cpu_demo); STEPS=(--steps 3 --warmup 1); PEER=()
+  CONFIGS=(cpu_demo); PROFILE=(cpu_demo); STEPS=(--steps 3 --warmup 1); PEER=(); REPEATS=1
 else
   CONFIGS=(imagenet_vit_s16 cifar_vit_s4 cifar_vit_t4); PROFILE=(imagenet_vit_s16 cifar_vit_s4)
   STEPS=(--steps 10 --warmup 3); PEER=(--peer); REPEATS=10
