@@ -104,7 +104,8 @@ class Config:
     weight_decay: float = 0.04  # cosine to weight_decay_end, weights only
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # per-parameter gradient-norm clip; 0 = off
-    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to momentum_teacher_end
+    momentum_teacher_end: float = 1.0  # DINO, iBOT: 1 (the teacher freezes at the end of the schedule)
     # system
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -184,7 +185,7 @@ def build_schedules(cfg: Config, steps_per_epoch: int, global_batch: int) -> dic
                                   min(cfg.warmup_epochs, cfg.epochs)),
             "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
             "teacher_temp": teacher_temp,
-            "momentum": cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)}
+            "momentum": cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, steps_per_epoch)}
 
 
 def clip_gradients(params: list[torch.Tensor], clip: float) -> None:

@@ -132,6 +132,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     (["--dataset", "folder", "--data_path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["--precision", "fp16"], "fp16 needs a CUDA device"),
     (["--smoothing", "1.5"], "--smoothing 1.5"),
+    (["--momentum_teacher_end", "1.2"], "--momentum_teacher_end 1.2: valid: 0 <= momentum <= 1"),
 ])
 def test_bad_flags_give_one_clear_error(flags, message):
     with pytest.raises(SystemExit) as info:
@@ -180,6 +181,11 @@ def test_schedules():
     assert s["momentum"][0] == pytest.approx(0.996) and s["momentum"][-1] == pytest.approx(1.0, abs=1e-4)
     assert s["weight_decay"][0] == pytest.approx(0.04) and s["weight_decay"][-1] == pytest.approx(0.4, abs=0.01)
     assert np.all(np.diff(s["momentum"]) >= 0)
+    # --min_lr, --weight_decay_end and --momentum_teacher_end set where the three cosines end
+    ends = ["--min_lr", "5e-4", "--weight_decay_end", "0.1", "--momentum_teacher_end", "0.998"]
+    e = train.build_schedules(train.parse_config(TINY + ends), steps_per_epoch=10, global_batch=512)
+    assert e["momentum"][0] == pytest.approx(0.996) and e["momentum"][-1] == pytest.approx(0.998, abs=1e-4)
+    assert e["lr"][-1] == pytest.approx(5e-4, rel=0.1) and e["weight_decay"][-1] == pytest.approx(0.1, abs=0.002)
 
 
 def test_per_parameter_clipping():
