@@ -180,8 +180,8 @@ def _validate_system(cfg) -> None:
     """Rates, devices, precision, the output directory and the dataset's presence."""
     need = _needs(cfg)
     need(0 <= cfg.drop_path_rate < 1, "drop_path_rate", "valid: 0 <= rate < 1")
-    need(0 <= cfg.momentum_teacher <= 1, "momentum_teacher", "valid: 0 <= momentum <= 1")
-    need(0 <= cfg.momentum_teacher_end <= 1, "momentum_teacher_end", "valid: 0 <= momentum <= 1")
+    for name in ("momentum_teacher", "momentum_teacher_end"):  # the EMA momentum's cosine: start and end
+        need(0 <= getattr(cfg, name) <= 1, name, "valid: 0 <= momentum <= 1")
     need(0 <= cfg.interpolate_offset < 1, "interpolate_offset", "valid: 0 (exact) to < 1; DINO/iBOT use 0.1")
     need(cfg.resume_changes in ("refuse", "ok"), "resume_changes", "valid: refuse, ok")
     need(not cfg.init_from or os.path.isfile(cfg.init_from), "init_from",
