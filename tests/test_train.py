@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -163,6 +164,20 @@ def test_presets_and_overrides():
     assert cfg.dataset == "cifar10" and cfg.patch_size == 4 and cfg.epochs == 3
     assert train.parse_config(["--preset", "imagenet"]) == train.Config(output_dir="runs/imagenet", compile=True)
     assert train.parse_config(["--compile", "true"]).compile is True
+
+
+def test_fmnist_cpu_preset_schedules_barely_anneal():
+    # README "Fashion-MNIST on a CPU": after the warm-up epoch the lr stays within 2.5e-3..3e-3 (at batch 128),
+    # weight decay ends at 0.1 and the teacher momentum at 0.997; the four flags there give back the annealed preset
+    cfg = train.parse_config(["--preset", "fmnist_cpu"])
+    assert (cfg.dataset, cfg.epochs, cfg.class_memory_size, cfg.class_anchors) == ("fashion_mnist", 10, 8192, 512)
+    s = train.build_schedules(cfg, steps_per_epoch=468, global_batch=cfg.batch_size_per_gpu)
+    assert s["lr"][468:].max() == pytest.approx(3e-3) and s["lr"][-1] == pytest.approx(2.5e-3, rel=1e-3)
+    assert s["weight_decay"][-1] == pytest.approx(0.1, rel=1e-3) and s["momentum"][-1] == pytest.approx(0.997)
+    old = train.parse_config(["--preset", "fmnist_cpu", "--lr", "4e-3", "--min_lr", "1e-6", "--weight_decay_end",
+                              "0.4", "--momentum_teacher_end", "1"])
+    assert dataclasses.replace(old, lr=6e-3, min_lr=2.5e-3, weight_decay_end=0.1, momentum_teacher_end=0.997) == cfg
+    assert train.parse_config(["--preset", "cpu_demo", "--dataset", "fashion_mnist"]).lr == old.lr
 
 
 def test_resume_refuses_an_incompatible_checkpoint(tiny_run, tmp_path):
