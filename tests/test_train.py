@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import launch
 import train
 from conftest import TINY
 
@@ -336,3 +338,33 @@ def test_tensorboard_events_or_a_one_line_error(tmp_path, monkeypatch):
     steps = [r for r in read_log(out)[1:] if r.get("kind") == "step"]
     assert [e.step for e in events.Scalars("step/loss")] == [r["step"] for r in steps]
     assert [e.value for e in events.Scalars("step/loss")] == pytest.approx([r["loss"] for r in steps])
+
+
+TUNE = "--dataset fashion_mnist"  # results/fmnist_cpu/tune.sh's BASE
+RUN_LISTS = {"results/fmnist_gpu_tune.txt": "", "results/fmnist_gpu_ablate.txt": "", "results/diagnostics/runs.txt": "",
+             "results/fmnist_compare/runs.txt": "", "results/fmnist_compare/runs_flat.txt": "",
+             **{f"results/fmnist_cpu/{n}.txt": TUNE for n in ("round1", "round2", "probe1", "probe2", "probe3")},
+             "results/fmnist_cpu/sched1.txt": "--preset fmnist_cpu --epochs 12 --knn_every 3",  # their BASE
+             "results/fmnist_cpu/sched2.txt": "--preset fmnist_cpu --knn_every 2"}
+
+
+@pytest.mark.parametrize("path", RUN_LISTS)
+def test_committed_run_lists_are_valid_flags(path, tmp_path, monkeypatch):
+    # every "NAME FLAGS" line of a list for results/run_pairs.sh (after its documented $BASE) or results/gpu_runs.sh
+    # (whose "base" lines prefix the later ones) is a valid train.py command: a typo should not cost a GPU session
+    monkeypatch.chdir(ROOT)
+    gpu = os.path.basename(path).startswith("fmnist_gpu")
+    base, names = RUN_LISTS[path].split(), []
+    for line in open(path):
+        if line.startswith("#") or not line.strip():
+            continue
+        name, *flags = line.split()
+        if gpu and name == "base":
+            base += flags
+            continue
+        cfg = train.parse_config(base + flags + ["--output_dir", str(tmp_path / name)])
+        names.append(name)
+        local = {"fashion_mnist": data.FASHION_MNIST_SYSTEM_DIR, "synthetic": cfg.data_path}[cfg.dataset]
+        if os.path.isdir(local):  # the lists' data paths are those of the machine they ran on
+            launch.validate(dataclasses.replace(cfg, data_path=local, compile=False), world_size=1)
+    assert names and len(set(names)) == len(names)  # each run writes its own output_dir
